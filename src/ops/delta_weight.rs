@@ -1,0 +1,164 @@
+//! ΔW as a differentiable candle operation, dispatched by device.
+
+use crate::entries::SpectralEntries;
+use crate::error::{dims_str, Error, Result};
+use crate::spectral::{fft, portable::PortableBasis};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// Borrows the contiguous f32 data of a CPU custom-op argument.
+fn f32_slice<'a>(
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let dtype = storage.dtype();
+    let data = storage.as_slice::<f32>().map_err(|_| {
+        Error::DType {
+            what: what.into(),
+            expected: "F32".into(),
+            found: dtype,
+        }
+        .into_candle()
+    })?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => Err(candle_core::Error::msg(format!(
+            "fourierft: {what} must be contiguous"
+        ))),
+    }
+}
+
+/// Forward: coefficients `[n]` → ΔW `(d1, d2)` via the pruned real FFT.
+struct DeltaWeightFft {
+    entries: Arc<SpectralEntries>,
+    alpha: f64,
+}
+
+impl CustomOp1 for DeltaWeightFft {
+    fn name(&self) -> &'static str {
+        "fourierft-delta-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = f32_slice("spectral coefficients", storage, layout)?;
+        let dw = fft::delta_weight(&self.entries, c, self.alpha).map_err(Error::into_candle)?;
+        Ok((CpuStorage::F32(dw), Shape::from(self.entries.shape())))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let op = DeltaWeightFftGrad {
+            entries: self.entries.clone(),
+            alpha: self.alpha,
+        };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// Backward: dL/dΔW `(d1, d2)` → dL/dc `[n]`.
+struct DeltaWeightFftGrad {
+    entries: Arc<SpectralEntries>,
+    alpha: f64,
+}
+
+impl CustomOp1 for DeltaWeightFftGrad {
+    fn name(&self) -> &'static str {
+        "fourierft-delta-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_slice("gradient of ΔW", storage, layout)?;
+        let dc =
+            fft::delta_weight_grad(&self.entries, g, self.alpha).map_err(Error::into_candle)?;
+        Ok((CpuStorage::F32(dc), Shape::from(self.entries.len())))
+    }
+}
+
+/// ΔW for one entry set, dispatched by device: the pruned real FFT op on CPU, the portable
+/// tensor-op path (with bases built once and shared) on CUDA and Metal.
+///
+/// Both directions are differentiable in the coefficients. The output is f32 `(d1, d2)`:
+/// `ΔW[j,k] = alpha/(d1·d2) · Σ_l c_l cos(2π(u_l j/d1 + v_l k/d2))`.
+#[derive(Debug, Clone)]
+pub struct DeltaWeight {
+    entries: Arc<SpectralEntries>,
+}
+
+impl DeltaWeight {
+    /// The operation for these entries.
+    pub fn new(entries: Arc<SpectralEntries>) -> Self {
+        Self { entries }
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &Arc<SpectralEntries> {
+        &self.entries
+    }
+
+    /// ΔW for coefficients `coeffs` (f32, shape `[n]`) and scale `alpha`.
+    pub fn forward(&self, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+        let n = self.entries.len();
+        if coeffs.dims() != [n] {
+            return Err(Error::Shape {
+                what: format!(
+                    "spectral coefficients of a {}x{} adapter",
+                    self.entries.d1(),
+                    self.entries.d2()
+                ),
+                expected: format!("[{n}]"),
+                found: dims_str(coeffs.dims()),
+            });
+        }
+        if coeffs.dtype() != DType::F32 {
+            return Err(Error::DType {
+                what: "spectral coefficients".into(),
+                expected: "F32".into(),
+                found: coeffs.dtype(),
+            });
+        }
+        if coeffs.device().is_cpu() {
+            let op = DeltaWeightFft {
+                entries: self.entries.clone(),
+                alpha,
+            };
+            Ok(coeffs.contiguous()?.apply_op1(op)?)
+        } else {
+            self.forward_portable(coeffs, alpha)
+        }
+    }
+
+    /// ΔW through the portable tensor-op path, on whatever device `coeffs` lives (CPU included).
+    pub fn forward_portable(&self, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+        PortableBasis::shared(&self.entries, coeffs.device())?.delta_weight(coeffs, alpha)
+    }
+}
+
+/// ΔW for `entries`, coefficients `coeffs` (f32 `[n]`) and scale `alpha`, differentiable in
+/// `coeffs`; see [`DeltaWeight`].
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use fourierft::{ops::delta_weight, SpectralEntries};
+/// let entries = SpectralEntries::uniform(6, 5, 4, 777)?;
+/// let c = Tensor::new(&[1f32, -0.5, 0.25, 2.0], &Device::Cpu)?;
+/// let dw = delta_weight(&entries, &c, 150.0)?;
+/// assert_eq!(dw.dims(), &[6, 5]);
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn delta_weight(entries: &Arc<SpectralEntries>, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+    DeltaWeight::new(entries.clone()).forward(coeffs, alpha)
+}

@@ -1,0 +1,201 @@
+//! ΔW and its gradient on CPU with a pruned real inverse FFT (rustfft + realfft, f32).
+//!
+//! Neither direction allocates a dense complex `d1×d2` spectrum, as `ifft2` on a dense spectrum
+//! would. With `m ≤ min(n, d2)` distinct columns among the entries:
+//!
+//! 1. one complex inverse FFT of length `d1` per distinct column `v`:
+//!    `C_v[j] = Σ_{l: v_l = v} c_l e^{+2πi u_l j/d1}` (`m·d1` complex values);
+//! 2. per row `j`, the Hermitian half-spectrum `h[w] = (C_w[j] + conj(C_{(d2−w) mod d2}[j]))/2`,
+//!    `w ≤ d2/2`, and one complex-to-real inverse FFT of length `d2` gives the row
+//!    `Re Σ_v C_v[j] e^{+2πi v k/d2}`.
+//!
+//! The gradient runs the same steps transposed: a real forward FFT per row of `dL/dΔW`, a gather
+//! at the `m` columns, one complex inverse FFT of length `d1` per column, a gather at the entries.
+//! Rows are processed in parallel blocks (rayon); plans and scratch are reused across calls.
+
+use super::{phase, plans};
+use crate::entries::SpectralEntries;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use rustfft::num_complex::Complex32;
+
+/// Rows per parallel block: enough blocks for every thread, a bounded buffer per block.
+fn block_rows(d1: usize, half: usize) -> usize {
+    let by_threads = d1.div_ceil(4 * rayon::current_num_threads().max(1));
+    let by_cache = ((1usize << 15) / half.max(1)).max(1);
+    by_threads.clamp(1, 64).min(by_cache)
+}
+
+fn fft_error(e: realfft::FftError) -> Error {
+    Error::Candle(candle_core::Error::msg(format!(
+        "fourierft: real FFT failed: {e}"
+    )))
+}
+
+fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+    if found != expected {
+        return Err(Error::Shape {
+            what: what.to_string(),
+            expected: format!("[{expected}]"),
+            found: format!("[{found}]"),
+        });
+    }
+    Ok(())
+}
+
+/// `ΔW = alpha/(d1·d2) · Re(IDFT2(E∘c))`, row-major `d1×d2` (`d1` = out_features).
+///
+/// `coeffs[l]` belongs to entry `l` of `entries`. Computed in f32; error ≈ 1e-6 of `max|ΔW|`.
+///
+/// ```
+/// use fourierft::{spectral::fft::delta_weight, SpectralEntries};
+/// let e = SpectralEntries::explicit(2, 4, &[(0, 1)])?;
+/// let dw = delta_weight(&e, &[8.0], 1.0)?; // cos(2π k/4) for both rows
+/// assert!((dw[0] - 1.0).abs() < 1e-6 && dw[1].abs() < 1e-6 && (dw[6] + 1.0).abs() < 1e-6);
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Result<Vec<f32>> {
+    check_len("spectral coefficients", coeffs.len(), entries.len())?;
+    let (d1, d2) = entries.shape();
+    let groups = entries.column_groups();
+    let rows = entries.rows();
+    let m = groups.columns.len();
+    let half = d2 / 2 + 1;
+    // The 1/2 of the Hermitian split is folded into the coefficients.
+    let s = (phase::scale(alpha, d1, d2) * 0.5) as f32;
+
+    // Step 1: C_v for each distinct column, stored column-major [m][d1].
+    let inv_d1 = plans::complex_inverse(d1);
+    let mut cols = vec![Complex32::default(); m * d1];
+    cols.par_chunks_mut(d1).enumerate().for_each(|(g, col)| {
+        for &l in &groups.entries[groups.offsets[g]..groups.offsets[g + 1]] {
+            col[rows[l as usize] as usize].re += coeffs[l as usize] * s;
+        }
+        plans::with_buffers(|b| {
+            let scratch = plans::sized(&mut b.scratch, inv_d1.get_inplace_scratch_len());
+            inv_d1.process_with_scratch(col, scratch);
+        });
+    });
+
+    // Step 2: per row, Hermitian half-spectrum and one C2R of length d2.
+    let c2r = plans::real_inverse(d2);
+    let bl = block_rows(d1, half);
+    let mut out = vec![0f32; d1 * d2];
+    out.par_chunks_mut(bl * d2)
+        .enumerate()
+        .try_for_each(|(blk, out_blk)| {
+            let j0 = blk * bl;
+            let nb = out_blk.len() / d2;
+            plans::with_buffers(|b| {
+                let h = plans::sized(&mut b.complex, nb * half);
+                h.fill(Complex32::default());
+                for (g, &v) in groups.columns.iter().enumerate() {
+                    let v = v as usize;
+                    let src = &cols[g * d1 + j0..g * d1 + j0 + nb];
+                    if v < half {
+                        for (r, val) in src.iter().enumerate() {
+                            h[r * half + v] += val;
+                        }
+                    }
+                    let w = (d2 - v) % d2;
+                    if w < half {
+                        for (r, val) in src.iter().enumerate() {
+                            h[r * half + w] += val.conj();
+                        }
+                    }
+                }
+                let scratch = plans::sized(&mut b.scratch, c2r.get_scratch_len());
+                for (r, row_out) in out_blk.chunks_exact_mut(d2).enumerate() {
+                    let hr = &mut h[r * half..(r + 1) * half];
+                    // Exactly real already up to rounding; realfft insists on zero.
+                    hr[0].im = 0.0;
+                    if d2 % 2 == 0 {
+                        hr[half - 1].im = 0.0;
+                    }
+                    c2r.process_with_scratch(hr, row_out, scratch)
+                        .map_err(fft_error)?;
+                }
+                Ok::<(), Error>(())
+            })
+        })?;
+    Ok(out)
+}
+
+/// Gradient of a loss with respect to the coefficients, given `grad = dL/dΔW` (row-major `d1×d2`):
+/// `dL/dc_l = alpha/(d1·d2) · Σ_{j,k} grad[j,k] · cos(2π (u_l·j/d1 + v_l·k/d2))`.
+///
+/// ```
+/// use fourierft::{spectral::fft::delta_weight_grad, SpectralEntries};
+/// let e = SpectralEntries::explicit(1, 4, &[(0, 1), (0, 0)])?;
+/// let g = delta_weight_grad(&e, &[1.0, 0.0, 0.0, 0.0], 4.0)?;
+/// assert!((g[0] - 1.0).abs() < 1e-6 && (g[1] - 1.0).abs() < 1e-6);
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) -> Result<Vec<f32>> {
+    let (d1, d2) = entries.shape();
+    check_len("gradient of ΔW (flattened)", grad.len(), d1 * d2)?;
+    let groups = entries.column_groups();
+    let m = groups.columns.len();
+    let half = d2 / 2 + 1;
+    let s = phase::scale(alpha, d1, d2) as f32;
+
+    // Stage 1: per row block, Σ_k grad[j,k] e^{+2πi v k/d2} at the m columns, stored [m][rows].
+    let r2c = plans::real_forward(d2);
+    let bl = block_rows(d1, half);
+    let blocks: Vec<Vec<Complex32>> = grad
+        .par_chunks(bl * d2)
+        .map(|g_blk| {
+            let nb = g_blk.len() / d2;
+            let mut t = vec![Complex32::default(); m * nb];
+            plans::with_buffers(|b| {
+                let spec = plans::sized(&mut b.complex, half);
+                let input = plans::sized(&mut b.real, d2);
+                let scratch = plans::sized(&mut b.scratch, r2c.get_scratch_len());
+                for (r, row) in g_blk.chunks_exact(d2).enumerate() {
+                    input.copy_from_slice(row);
+                    r2c.process_with_scratch(input, spec, scratch)
+                        .map_err(fft_error)?;
+                    for (g, &v) in groups.columns.iter().enumerate() {
+                        let v = v as usize;
+                        t[g * nb + r] = if v < half {
+                            spec[v].conj()
+                        } else {
+                            spec[d2 - v]
+                        };
+                    }
+                }
+                Ok::<_, Error>(())
+            })?;
+            Ok(t)
+        })
+        .collect::<Result<_>>()?;
+
+    // Stage 2: per column, the inverse FFT over rows, gathered at the column's entries.
+    let inv_d1 = plans::complex_inverse(d1);
+    let rows = entries.rows();
+    let per_group: Vec<Vec<(u32, f32)>> = (0..m)
+        .into_par_iter()
+        .map(|g| {
+            plans::with_buffers(|b| {
+                let col = plans::sized(&mut b.complex, d1);
+                let mut j0 = 0;
+                for t in &blocks {
+                    let nb = t.len() / m;
+                    col[j0..j0 + nb].copy_from_slice(&t[g * nb..(g + 1) * nb]);
+                    j0 += nb;
+                }
+                let scratch = plans::sized(&mut b.scratch, inv_d1.get_inplace_scratch_len());
+                inv_d1.process_with_scratch(col, scratch);
+                groups.entries[groups.offsets[g]..groups.offsets[g + 1]]
+                    .iter()
+                    .map(|&l| (l, col[rows[l as usize] as usize].re * s))
+                    .collect()
+            })
+        })
+        .collect();
+    let mut out = vec![0f32; entries.len()];
+    for (l, val) in per_group.into_iter().flatten() {
+        out[l as usize] = val;
+    }
+    Ok(out)
+}

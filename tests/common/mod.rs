@@ -1,0 +1,79 @@
+//! Independent f64 reference helpers shared by the integration tests.
+//! Deliberately naive: no FFT, no crate code, just the formula of DESIGN.md §1.
+#![allow(dead_code)]
+
+use std::f64::consts::PI;
+
+/// ΔW[j,k] = alpha/(d1·d2) · Σ_l c_l · cos(2π((u_l·j mod d1)/d1 + (v_l·k mod d2)/d2)),
+/// row-major d1×d2, with the phases reduced exactly in u64 before becoming angles.
+pub fn reference_delta_weight(
+    d1: usize,
+    d2: usize,
+    rows: &[u32],
+    cols: &[u32],
+    coeffs: &[f32],
+    alpha: f64,
+) -> Vec<f64> {
+    assert_eq!(rows.len(), coeffs.len(), "rows/coeffs length");
+    assert_eq!(cols.len(), coeffs.len(), "cols/coeffs length");
+    let (m1, m2) = (d1 as u64, d2 as u64);
+    let scale = alpha / (d1 as f64 * d2 as f64);
+    let mut out = vec![0f64; d1 * d2];
+    for j in 0..d1 {
+        for k in 0..d2 {
+            let mut acc = 0f64;
+            for l in 0..coeffs.len() {
+                let pu = (rows[l] as u64 * j as u64) % m1;
+                let pv = (cols[l] as u64 * k as u64) % m2;
+                let phase = pu as f64 / d1 as f64 + pv as f64 / d2 as f64;
+                acc += coeffs[l] as f64 * (2.0 * PI * phase).cos();
+            }
+            out[j * d2 + k] = scale * acc;
+        }
+    }
+    out
+}
+
+/// max_i |v_i| (0 for an empty slice).
+pub fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0f64, |m, x| m.max(x.abs()))
+}
+
+/// Asserts max_i |found_i - expected_i| <= rel_tol · max(max|expected|, 1e-30).
+pub fn assert_close(found: &[f32], expected: &[f64], rel_tol: f64, what: &str) {
+    assert_eq!(found.len(), expected.len(), "{what}: length mismatch");
+    let (mut worst, mut worst_i) = (0f64, 0usize);
+    for (i, (&f, &e)) in found.iter().zip(expected).enumerate() {
+        let err = (f as f64 - e).abs();
+        // A NaN error is kept as the worst and fails the bound below.
+        if err > worst || err.is_nan() {
+            worst = err;
+            worst_i = i;
+        }
+    }
+    let bound = rel_tol * max_abs(expected).max(1e-30);
+    assert!(
+        worst <= bound,
+        "{what}: max abs error {worst:e} > {bound:e} (rel_tol {rel_tol:e}) at index {worst_i}: \
+         found {} expected {}",
+        found[worst_i],
+        expected[worst_i]
+    );
+}
+
+/// Deterministic pseudo-random values in [-1, 1] (splitmix64; no dependencies).
+pub fn lcg_coeffs(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // Top 24 bits -> exact f32 in [0, 1], then map to [-1, 1].
+            let unit = (z >> 40) as f32 / ((1u64 << 24) - 1) as f32;
+            2.0 * unit - 1.0
+        })
+        .collect()
+}
