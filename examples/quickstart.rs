@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         init_seed: Some(0),
         ..Default::default()
     };
-    let mut layer = FourierLinear::new(base, &config)?;
+    let layer = FourierLinear::new(base, &config)?;
     println!(
         "FourierLinear {}x{}: {} trainable coefficients, {} frozen parameters ({:.2}%)",
         d_out,

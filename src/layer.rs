@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
 use rand::SeedableRng;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// One adapter: shared entries, trainable coefficients, a scale.
 #[derive(Debug, Clone)]
@@ -44,7 +44,8 @@ impl Adapter {
 /// `y = x·(W0 + Σ_active ΔW_a)ᵀ + b`, with `ΔW_a = alpha_a/(d1·d2)·Re(IDFT2(E_a∘c_a))`.
 ///
 /// Only the adapters' spectra are [`Var`]s ([`FourierLinear::trainable_vars`]); W0 is detached
-/// and never changed by training. [`merge`](FourierLinear::merge) folds the active adapters into
+/// and never changed by training. Like a [`Var`], a `FourierLinear` is a handle: clones share the
+/// same weight and adapters, so a model-level helper can merge the layers a model owns. [`merge`](FourierLinear::merge) folds the active adapters into
 /// the weight for inference; [`unmerge`](FourierLinear::unmerge) takes them out again.
 ///
 /// ```
@@ -53,7 +54,7 @@ impl Adapter {
 /// let dev = Device::Cpu;
 /// let base = candle_nn::Linear::new(Tensor::randn(0f32, 0.1, (8, 12), &dev)?, None);
 /// let cfg = FourierFTConfig { n_frequency: 20, init_seed: Some(0), ..Default::default() };
-/// let mut layer = FourierLinear::new(base, &cfg)?;
+/// let layer = FourierLinear::new(base, &cfg)?;
 /// let x = Tensor::randn(0f32, 1.0, (3, 12), &dev)?;
 /// let y = layer.forward(&x)?;
 /// layer.merge()?;
@@ -65,13 +66,19 @@ impl Adapter {
 #[derive(Debug, Clone)]
 pub struct FourierLinear {
     name: String,
+    in_features: usize,
+    out_features: usize,
+    fan_in_fan_out: bool,
+    state: Arc<RwLock<State>>,
+}
+
+/// The mutable part of a layer, shared by all handles (clones) of it.
+#[derive(Debug)]
+struct State {
     /// W0 as stored: `(out, in)`, or `(in, out)` with `fan_in_fan_out`. Holds the merged
     /// adapters while merged.
     weight: Tensor,
     bias: Option<Tensor>,
-    in_features: usize,
-    out_features: usize,
-    fan_in_fan_out: bool,
     adapters: BTreeMap<String, Adapter>,
     active: Vec<String>,
     disabled: bool,
@@ -85,7 +92,7 @@ impl FourierLinear {
     /// Wraps `linear` (weight `(out, in)`) and attaches an adapter named `"default"`.
     pub fn new(linear: Linear, config: &FourierFTConfig) -> Result<Self> {
         let weight = linear.weight().clone();
-        let mut layer = Self::from_parts(weight, linear.bias().cloned(), config.fan_in_fan_out)?;
+        let layer = Self::from_parts(weight, linear.bias().cloned(), config.fan_in_fan_out)?;
         layer.add_adapter(DEFAULT_ADAPTER, config)?;
         Ok(layer)
     }
@@ -110,15 +117,17 @@ impl FourierLinear {
         }
         Ok(Self {
             name: format!("FourierLinear(in={in_features}, out={out_features})"),
-            weight: weight.detach(),
-            bias: bias.map(|b| b.detach()),
             in_features,
             out_features,
             fan_in_fan_out,
-            adapters: BTreeMap::new(),
-            active: Vec::new(),
-            disabled: false,
-            merged: Vec::new(),
+            state: Arc::new(RwLock::new(State {
+                weight: weight.detach(),
+                bias: bias.map(|b| b.detach()),
+                adapters: BTreeMap::new(),
+                active: Vec::new(),
+                disabled: false,
+                merged: Vec::new(),
+            })),
         })
     }
 
@@ -126,6 +135,16 @@ impl FourierLinear {
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
+    }
+
+    // A panic while holding the lock cannot leave the state torn (every update is one
+    // assignment), so a poisoned lock is recovered.
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The layer's name (its module path when built through [`linear`]).
@@ -149,56 +168,56 @@ impl FourierLinear {
     }
 
     /// The current weight: W0, or W0 plus the merged adapters while merged.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    pub fn weight(&self) -> Tensor {
+        self.read().weight.clone()
     }
 
     /// The frozen bias.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+    pub fn bias(&self) -> Option<Tensor> {
+        self.read().bias.clone()
     }
 
     /// Adds an adapter named `name`, with entries sampled per `config` (shared with every layer of
     /// the same shape and seed) and coefficients initialised per `config.init_weights`.
     /// It becomes active if no adapter was active.
-    pub fn add_adapter(&mut self, name: &str, config: &FourierFTConfig) -> Result<()> {
+    pub fn add_adapter(&self, name: &str, config: &FourierFTConfig) -> Result<()> {
         config.validate()?;
-        if self.adapters.contains_key(name) {
-            return Err(Error::AdapterExists {
-                what: self.name.clone(),
-                name: name.into(),
-            });
-        }
         if config.fan_in_fan_out != self.fan_in_fan_out {
             return Err(Error::Config(format!(
                 "{}: adapter {name:?} has fan_in_fan_out = {} but the layer was built with {}",
                 self.name, config.fan_in_fan_out, self.fan_in_fan_out
             )));
         }
+        if self.read().adapters.contains_key(name) {
+            return Err(Error::AdapterExists {
+                what: self.name.clone(),
+                name: name.into(),
+            });
+        }
         let (d1, d2) = (self.out_features, self.in_features);
         let n = config.n_frequency;
-        let entries =
-            SpectralEntries::sample(d1, d2, n, config.random_loc_seed, &config.entry_sampling)
-                .map_err(|e| match e {
-                    Error::EntryCount { n, max, d1, d2, .. } => Error::EntryCount {
-                        context: format!("{} adapter {name:?}", self.name),
-                        n,
-                        max,
-                        d1,
-                        d2,
-                    },
-                    other => other,
-                })?;
-        let device = self.weight.device();
+        let sampling = &config.entry_sampling;
+        let entries = SpectralEntries::sample(d1, d2, n, config.random_loc_seed, sampling)
+            .map_err(|e| match e {
+                Error::EntryCount { n, max, d1, d2, .. } => Error::EntryCount {
+                    context: format!("{} adapter {name:?}", self.name),
+                    n,
+                    max,
+                    d1,
+                    d2,
+                },
+                other => other,
+            })?;
+        let device = self.read().weight.device().clone();
         let spectrum = if config.init_weights {
-            Var::zeros(n, DType::F32, device)?
+            Var::zeros(n, DType::F32, &device)?
         } else {
             Var::from_tensor(&standard_normal(
                 n,
                 config.init_seed,
                 &self.name,
                 name,
-                device,
+                &device,
             )?)?
         };
         let adapter = Adapter {
@@ -206,196 +225,227 @@ impl FourierLinear {
             spectrum,
             scaling: config.scaling,
         };
-        self.adapters.insert(name.to_string(), adapter);
-        if self.active.is_empty() {
-            self.active.push(name.to_string());
+        let mut st = self.write();
+        if st.adapters.contains_key(name) {
+            return Err(Error::AdapterExists {
+                what: self.name.clone(),
+                name: name.into(),
+            });
+        }
+        st.adapters.insert(name.to_string(), adapter);
+        if st.active.is_empty() {
+            st.active.push(name.to_string());
         }
         Ok(())
     }
 
-    /// The adapter named `name`.
-    pub fn adapter(&self, name: &str) -> Result<&Adapter> {
-        self.adapters.get(name).ok_or_else(|| self.unknown(name))
+    /// The adapter named `name` (a handle: its spectrum is the layer's own [`Var`]).
+    pub fn adapter(&self, name: &str) -> Result<Adapter> {
+        let st = self.read();
+        st.adapters
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.unknown(&st, name))
     }
 
     /// Names of all adapters, sorted.
-    pub fn adapter_names(&self) -> Vec<&str> {
-        self.adapters.keys().map(String::as_str).collect()
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.read().adapters.keys().cloned().collect()
     }
 
     /// Names of the active adapters, in activation order.
-    pub fn active_adapters(&self) -> &[String] {
-        &self.active
+    pub fn active_adapters(&self) -> Vec<String> {
+        self.read().active.clone()
     }
 
     /// Makes exactly these adapters active (an empty list deactivates all).
     /// Not allowed while merged.
-    pub fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
-        self.ensure_unmerged("change the active adapters")?;
-        for n in names {
-            self.adapter(n)?;
+    pub fn set_active_adapters(&self, names: &[&str]) -> Result<()> {
+        let mut st = self.write();
+        self.ensure_unmerged(&st, "change the active adapters")?;
+        if let Some(missing) = names.iter().find(|n| !st.adapters.contains_key(**n)) {
+            return Err(self.unknown(&st, missing));
         }
-        self.active = names.iter().map(|s| s.to_string()).collect();
-        self.active.dedup();
+        st.active.clear();
+        for n in names {
+            if !st.active.iter().any(|a| a == n) {
+                st.active.push(n.to_string());
+            }
+        }
         Ok(())
     }
 
     /// Turns all adapters off (the layer computes the base output only). Not allowed while merged.
-    pub fn disable_adapters(&mut self) -> Result<()> {
-        self.ensure_unmerged("disable adapters")?;
-        self.disabled = true;
+    pub fn disable_adapters(&self) -> Result<()> {
+        let mut st = self.write();
+        self.ensure_unmerged(&st, "disable adapters")?;
+        st.disabled = true;
         Ok(())
     }
 
     /// Turns the active adapters back on.
-    pub fn enable_adapters(&mut self) {
-        self.disabled = false;
+    pub fn enable_adapters(&self) {
+        self.write().disabled = false;
     }
 
     /// Whether adapters are disabled.
     pub fn adapters_disabled(&self) -> bool {
-        self.disabled
+        self.read().disabled
     }
 
     /// Removes an adapter (and deactivates it). Not allowed while it is merged.
-    pub fn delete_adapter(&mut self, name: &str) -> Result<Adapter> {
-        if self.merged.iter().any(|m| m == name) {
-            return Err(self.merge_state(format!(
-                "cannot delete adapter {name:?} while it is merged; unmerge first"
-            )));
+    pub fn delete_adapter(&self, name: &str) -> Result<Adapter> {
+        let mut st = self.write();
+        if st.merged.iter().any(|m| m == name) {
+            return Err(Error::MergeState {
+                what: self.name.clone(),
+                message: format!(
+                    "cannot delete adapter {name:?} while it is merged; unmerge first"
+                ),
+            });
         }
-        let adapter = self
+        let adapter = st
             .adapters
             .remove(name)
-            .ok_or_else(|| self.unknown(name))?;
-        self.active.retain(|a| a != name);
+            .ok_or_else(|| self.unknown(&st, name))?;
+        st.active.retain(|a| a != name);
         Ok(adapter)
     }
 
-    /// Replaces the coefficients of adapter `name` (e.g. loaded from a file); f32 `[n]`.
-    pub fn set_spectrum(&mut self, name: &str, values: &Tensor) -> Result<()> {
-        let what = format!("{} adapter {name:?}", self.name);
-        self.ensure_unmerged("replace a spectrum")?;
-        let adapter = self.adapter(name)?;
+    /// Replaces the coefficients of adapter `name` (e.g. loaded from a file); shape `[n]`, any
+    /// float dtype (stored as f32). Not allowed while merged.
+    pub fn set_spectrum(&self, name: &str, values: &Tensor) -> Result<()> {
+        let st = self.read();
+        self.ensure_unmerged(&st, "replace a spectrum")?;
+        let adapter = st
+            .adapters
+            .get(name)
+            .ok_or_else(|| self.unknown(&st, name))?;
         let n = adapter.entries().len();
         if values.dims() != [n] {
             return Err(Error::Shape {
-                what: format!("fourierft_spectrum of {what}"),
+                what: format!("fourierft_spectrum of {} adapter {name:?}", self.name),
                 expected: format!("[{n}]"),
                 found: dims_str(values.dims()),
             });
         }
-        let values = values
-            .to_dtype(DType::F32)?
-            .to_device(self.weight.device())?;
+        let values = values.to_dtype(DType::F32)?.to_device(st.weight.device())?;
         adapter.spectrum.set(&values)?;
         Ok(())
     }
 
     /// The spectra of the active adapters: the only parameters to train.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.active
+        let st = self.read();
+        st.active
             .iter()
-            .filter_map(|a| self.adapters.get(a))
+            .filter_map(|a| st.adapters.get(a))
             .map(|a| a.spectrum.clone())
             .collect()
     }
 
     /// Number of trainable parameters (coefficients of all adapters).
     pub fn num_trainable(&self) -> usize {
-        self.adapters.values().map(|a| a.entries().len()).sum()
+        self.read()
+            .adapters
+            .values()
+            .map(|a| a.entries().len())
+            .sum()
     }
 
     /// Number of frozen parameters (weight and bias).
     pub fn num_frozen(&self) -> usize {
-        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+        let st = self.read();
+        st.weight.elem_count() + st.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 
-    /// Sum of ΔW over `names`, f32 in the weight's storage layout.
-    fn delta_sum(&self, names: &[String]) -> Result<Option<Tensor>> {
+    /// `weight + sign·Σ ΔW` over `names`, computed in f32 and cast back to the weight's dtype once.
+    fn shifted_weight(&self, st: &State, names: &[String], sign: f64) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
         for name in names {
-            let dw = self.adapter(name)?.delta_weight()?;
+            let adapter = st
+                .adapters
+                .get(name)
+                .ok_or_else(|| self.unknown(st, name))?;
+            let dw = adapter.delta_weight()?;
             sum = Some(match sum {
                 None => dw,
                 Some(s) => (s + dw)?,
             });
         }
-        Ok(match sum {
-            Some(s) if self.fan_in_fan_out => Some(s.t()?.contiguous()?),
-            other => other,
-        })
-    }
-
-    /// `weight + sign·Σ ΔW`, computed in f32 and cast back to the weight's dtype once.
-    fn shifted_weight(&self, names: &[String], sign: f64) -> Result<Tensor> {
-        match self.delta_sum(names)? {
-            None => Ok(self.weight.clone()),
-            Some(dw) => {
-                let w = self.weight.to_dtype(DType::F32)?;
-                let dw = dw.to_device(w.device())?;
-                let out = if sign > 0.0 { (w + dw)? } else { (w - dw)? };
-                Ok(out.to_dtype(self.weight.dtype())?)
-            }
+        let Some(mut dw) = sum else {
+            return Ok(st.weight.clone());
+        };
+        if self.fan_in_fan_out {
+            dw = dw.t()?;
         }
+        let w = st.weight.to_dtype(DType::F32)?;
+        let dw = dw.to_device(w.device())?;
+        let out = if sign > 0.0 { (w + dw)? } else { (w - dw)? };
+        Ok(out.to_dtype(st.weight.dtype())?)
     }
 
     /// Folds the active, not yet merged adapters into the weight. Forward then uses the merged
     /// weight only. Non-finite values are not checked: see [`safe_merge`](Self::safe_merge).
-    pub fn merge(&mut self) -> Result<()> {
+    pub fn merge(&self) -> Result<()> {
         self.merge_checked(false)
     }
 
     /// Like [`merge`](Self::merge), but returns [`Error::NonFinite`] and leaves the weight
     /// untouched if the merged weight has any NaN or infinite value.
-    pub fn safe_merge(&mut self) -> Result<()> {
+    pub fn safe_merge(&self) -> Result<()> {
         self.merge_checked(true)
     }
 
-    fn merge_checked(&mut self, check: bool) -> Result<()> {
-        if self.disabled {
-            return Err(self.merge_state("cannot merge while adapters are disabled".into()));
+    fn merge_checked(&self, check: bool) -> Result<()> {
+        let mut st = self.write();
+        if st.disabled {
+            return Err(Error::MergeState {
+                what: self.name.clone(),
+                message: "cannot merge while adapters are disabled".into(),
+            });
         }
-        let todo: Vec<String> = self
+        let todo: Vec<String> = st
             .active
             .iter()
-            .filter(|a| !self.merged.contains(a))
+            .filter(|a| !st.merged.contains(a))
             .cloned()
             .collect();
         if todo.is_empty() {
             return Ok(());
         }
-        let merged = self.shifted_weight(&todo, 1.0)?;
+        let merged = self.shifted_weight(&st, &todo, 1.0)?;
         if check && !all_finite(&merged)? {
             return Err(Error::NonFinite {
                 what: self.name.clone(),
                 adapters: todo,
             });
         }
-        self.weight = merged;
-        self.merged.extend(todo);
+        st.weight = merged;
+        st.merged.extend(todo);
         Ok(())
     }
 
     /// Takes every merged adapter out of the weight again (W = W − Σ ΔW, with the current
     /// coefficients).
-    pub fn unmerge(&mut self) -> Result<()> {
-        if self.merged.is_empty() {
+    pub fn unmerge(&self) -> Result<()> {
+        let mut st = self.write();
+        if st.merged.is_empty() {
             return Ok(());
         }
-        self.weight = self.shifted_weight(&self.merged, -1.0)?;
-        self.merged.clear();
+        st.weight = self.shifted_weight(&st, &st.merged, -1.0)?;
+        st.merged.clear();
         Ok(())
     }
 
     /// Whether any adapter is merged into the weight.
     pub fn is_merged(&self) -> bool {
-        !self.merged.is_empty()
+        !self.read().merged.is_empty()
     }
 
     /// Names of the merged adapters.
-    pub fn merged_adapters(&self) -> &[String] {
-        &self.merged
+    pub fn merged_adapters(&self) -> Vec<String> {
+        self.read().merged.clone()
     }
 
     /// The forward pass with a typed error: `x` has shape `(..., in_features)` with at least 2 dims.
@@ -408,10 +458,14 @@ impl FourierLinear {
                 found: dims_str(dims),
             });
         }
-        let weight = if self.disabled || self.is_merged() {
-            self.weight.clone()
-        } else {
-            self.shifted_weight(&self.active, 1.0)?
+        let (weight, bias) = {
+            let st = self.read();
+            let w = if st.disabled || !st.merged.is_empty() {
+                st.weight.clone()
+            } else {
+                self.shifted_weight(&st, &st.active, 1.0)?
+            };
+            (w, st.bias.clone())
         };
         let lead: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((lead, self.in_features))?;
@@ -421,7 +475,7 @@ impl FourierLinear {
             weight.t()?
         };
         let mut y = x2.matmul(&w)?;
-        if let Some(b) = &self.bias {
+        if let Some(b) = &bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims.to_vec();
@@ -429,27 +483,23 @@ impl FourierLinear {
         Ok(y.reshape(out_dims)?)
     }
 
-    fn unknown(&self, name: &str) -> Error {
+    fn unknown(&self, st: &State, name: &str) -> Error {
         Error::UnknownAdapter {
             what: self.name.clone(),
             name: name.into(),
-            available: self.adapters.keys().cloned().collect(),
+            available: st.adapters.keys().cloned().collect(),
         }
     }
 
-    fn merge_state(&self, message: String) -> Error {
-        Error::MergeState {
-            what: self.name.clone(),
-            message,
-        }
-    }
-
-    fn ensure_unmerged(&self, action: &str) -> Result<()> {
-        if self.is_merged() {
-            return Err(self.merge_state(format!(
-                "cannot {action} while adapters {:?} are merged; unmerge first",
-                self.merged
-            )));
+    fn ensure_unmerged(&self, st: &State, action: &str) -> Result<()> {
+        if !st.merged.is_empty() {
+            return Err(Error::MergeState {
+                what: self.name.clone(),
+                message: format!(
+                    "cannot {action} while adapters {:?} are merged; unmerge first",
+                    st.merged
+                ),
+            });
         }
         Ok(())
     }
@@ -555,7 +605,7 @@ pub fn linear_b(
     } else {
         None
     };
-    let mut layer =
+    let layer =
         FourierLinear::from_parts(weight, bias, config.fan_in_fan_out)?.with_name(vb.prefix());
     layer.add_adapter(DEFAULT_ADAPTER, config)?;
     Ok(layer)

@@ -48,8 +48,8 @@ fn unmerged_forward_is_base_plus_reference_delta() -> anyhow::Result<()> {
         let e = a.entries();
         let dw = reference_delta_weight(out, inp, e.rows(), e.cols(), &c, 20.0);
         let x = lcg_coeffs(3 * inp, 9);
-        let w0 = flat(layer.weight())?;
-        let b = flat(layer.bias().expect("bias"))?;
+        let w0 = flat(&layer.weight())?;
+        let b = flat(&layer.bias().expect("bias"))?;
         let want: Vec<f64> = (0..3)
             .flat_map(|r| {
                 let (x, w0, b, dw) = (&x, &w0, &b, &dw);
@@ -72,7 +72,7 @@ fn unmerged_forward_is_base_plus_reference_delta() -> anyhow::Result<()> {
 
 #[test]
 fn merged_equals_unmerged_and_unmerge_restores_w0() -> anyhow::Result<()> {
-    let mut layer = FourierLinear::new(base(40, 24, true)?, &cfg(90))?;
+    let layer = FourierLinear::new(base(40, 24, true)?, &cfg(90))?;
     let w0 = layer.weight().clone();
     for x in [
         Tensor::from_vec(lcg_coeffs(5 * 24, 3), (5, 24), &Device::Cpu)?,
@@ -92,7 +92,7 @@ fn merged_equals_unmerged_and_unmerge_restores_w0() -> anyhow::Result<()> {
         layer.unmerge()?;
         assert!(!layer.is_merged());
         assert_close(
-            &flat(layer.weight())?,
+            &flat(&layer.weight())?,
             &to_f64(&w0)?,
             1e-6,
             "merge->unmerge restores W0",
@@ -103,7 +103,7 @@ fn merged_equals_unmerged_and_unmerge_restores_w0() -> anyhow::Result<()> {
 
 #[test]
 fn forward_after_merge_uses_merged_weight_only() -> anyhow::Result<()> {
-    let mut layer = FourierLinear::new(base(8, 6, false)?, &cfg(10))?;
+    let layer = FourierLinear::new(base(8, 6, false)?, &cfg(10))?;
     layer.merge()?;
     let x = Tensor::from_vec(lcg_coeffs(12, 8), (2, 6), &Device::Cpu)?;
     let before = flat(&layer.forward(&x)?)?;
@@ -126,7 +126,7 @@ fn fan_in_fan_out_merges_transposed_delta() -> anyhow::Result<()> {
         fan_in_fan_out: true,
         ..cfg(12)
     };
-    let mut layer = FourierLinear::from_parts(w_in_out.clone(), None, true)?;
+    let layer = FourierLinear::from_parts(w_in_out.clone(), None, true)?;
     layer.add_adapter("default", &config)?;
     assert_eq!((layer.in_features(), layer.out_features()), (inp, out));
     let x = Tensor::from_vec(lcg_coeffs(4 * inp, 6), (4, inp), &Device::Cpu)?;
@@ -136,7 +136,7 @@ fn fan_in_fan_out_merges_transposed_delta() -> anyhow::Result<()> {
     assert_close(&flat(&y)?, &to_f64(&want)?, 1e-5, "fan_in_fan_out forward");
     layer.merge()?;
     assert_close(
-        &flat(layer.weight())?,
+        &flat(&layer.weight())?,
         &to_f64(&(w_in_out + dw.t()?)?)?,
         1e-6,
         "W += ΔWᵀ",
@@ -162,8 +162,8 @@ fn adamw_training_reduces_loss_and_leaves_w0_bit_identical() -> anyhow::Result<(
         ..cfg(64)
     };
     let layer = fourierft::linear(32, 16, &config, vb.pp("fc"))?;
-    let w0_bits: Vec<u32> = flat(layer.weight())?.iter().map(|v| v.to_bits()).collect();
-    let b0_bits: Vec<u32> = flat(layer.bias().expect("bias"))?
+    let w0_bits: Vec<u32> = flat(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
+    let b0_bits: Vec<u32> = flat(&layer.bias().expect("bias"))?
         .iter()
         .map(|v| v.to_bits())
         .collect();
@@ -199,8 +199,8 @@ fn adamw_training_reduces_loss_and_leaves_w0_bit_identical() -> anyhow::Result<(
         losses[29] < 0.1 * losses[0],
         "loss did not fall: {losses:?}"
     );
-    let w_bits: Vec<u32> = flat(layer.weight())?.iter().map(|v| v.to_bits()).collect();
-    let b_bits: Vec<u32> = flat(layer.bias().expect("bias"))?
+    let w_bits: Vec<u32> = flat(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
+    let b_bits: Vec<u32> = flat(&layer.bias().expect("bias"))?
         .iter()
         .map(|v| v.to_bits())
         .collect();
@@ -244,7 +244,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     let lin = base(6, 8, false)?;
     let x = Tensor::from_vec(lcg_coeffs(16, 2), (2, 8), &Device::Cpu)?;
     let y0 = lin.forward(&x)?;
-    let mut layer = FourierLinear::new(lin, &cfg(5))?;
+    let layer = FourierLinear::new(lin, &cfg(5))?;
     layer.add_adapter(
         "other",
         &FourierFTConfig {
@@ -253,7 +253,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
         },
     )?;
     assert_eq!(layer.adapter_names(), vec!["default", "other"]);
-    assert_eq!(layer.active_adapters(), ["default".to_string()]);
+    assert_eq!(layer.active_adapters(), vec!["default".to_string()]);
     assert_eq!(layer.num_trainable(), 12);
     let d_a = layer.adapter("default")?.delta_weight()?;
     let d_b = layer.adapter("other")?.delta_weight()?;
@@ -288,7 +288,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     layer.unmerge()?;
 
     layer.delete_adapter("default")?;
-    assert_eq!(layer.active_adapters(), ["other".to_string()]);
+    assert_eq!(layer.active_adapters(), vec!["other".to_string()]);
     let want = (&y0 + x.matmul(&d_b.t()?)?)?;
     assert_close(
         &flat(&layer.forward(&x)?)?,
@@ -309,8 +309,8 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
 
 #[test]
 fn safe_merge_refuses_non_finite_and_leaves_weight() -> anyhow::Result<()> {
-    let mut layer = FourierLinear::new(base(5, 4, false)?, &cfg(3))?;
-    let w0 = flat(layer.weight())?;
+    let layer = FourierLinear::new(base(5, 4, false)?, &cfg(3))?;
+    let w0 = flat(&layer.weight())?;
     layer.set_spectrum(
         "default",
         &Tensor::new(&[1f32, f32::NAN, 0.0], &Device::Cpu)?,
@@ -319,7 +319,7 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() -> anyhow::Result<()> {
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
     assert!(!layer.is_merged());
     assert_eq!(
-        flat(layer.weight())?
+        flat(&layer.weight())?
             .iter()
             .map(|v| v.to_bits())
             .collect::<Vec<_>>(),
@@ -387,7 +387,7 @@ fn half_precision_bases_work() -> anyhow::Result<()> {
             lin.weight().to_dtype(dtype)?,
             lin.bias().map(|b| b.to_dtype(dtype)).transpose()?,
         );
-        let mut layer = FourierLinear::new(lin, &cfg(20))?;
+        let layer = FourierLinear::new(lin, &cfg(20))?;
         let x = Tensor::from_vec(lcg_coeffs(30, 3), (3, 10), &Device::Cpu)?.to_dtype(dtype)?;
         let y = layer.forward(&x)?;
         assert_eq!(y.dtype(), dtype);
