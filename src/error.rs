@@ -153,6 +153,15 @@ impl Error {
     }
 }
 
+/// Lets `?` turn a crate error into a candle error, e.g. in a model's
+/// `fn load(vb: VarBuilder) -> candle_core::Result<Self>` that calls
+/// [`inject::linear`](crate::inject::linear); the message is kept (see [`Error::into_candle`]).
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        e.into_candle()
+    }
+}
+
 /// Formats a shape as `[a, b, c]`.
 pub(crate) fn dims_str(dims: &[usize]) -> String {
     format!("{dims:?}")

@@ -3,7 +3,7 @@
 use crate::config::FourierFTConfig;
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
-use crate::ops::DeltaWeight;
+use crate::ops::{add_to_frozen, frozen_linear, spectral_linear, DeltaWeight};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
 use rand::SeedableRng;
@@ -29,7 +29,8 @@ impl Adapter {
         &self.spectrum
     }
 
-    /// The scale alpha.
+    /// The scale alpha, as applied: `ΔW = alpha/(d1·d2)·Re(IDFT2(E∘c))` (PEFT's `scaling`, adjusted
+    /// for a non-default `ifft2_norm`).
     pub fn scaling(&self) -> f64 {
         self.scaling
     }
@@ -37,6 +38,12 @@ impl Adapter {
     /// ΔW, f32 `(out_features, in_features)`, differentiable in the spectrum.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.op.forward(self.spectrum.as_tensor(), self.scaling)
+    }
+
+    /// ΔW outside the autograd graph (for merging).
+    fn delta_weight_detached(&self) -> Result<Tensor> {
+        self.op
+            .forward(&self.spectrum.as_tensor().detach(), self.scaling)
     }
 }
 
@@ -83,6 +90,7 @@ struct State {
     active: Vec<String>,
     disabled: bool,
     merged: Vec<String>,
+    mode: ForwardMode,
 }
 
 /// The name PEFT gives an adapter when none is given.
@@ -127,6 +135,7 @@ impl FourierLinear {
                 active: Vec::new(),
                 disabled: false,
                 merged: Vec::new(),
+                mode: ForwardMode::Auto,
             })),
         })
     }
@@ -223,7 +232,7 @@ impl FourierLinear {
         let adapter = Adapter {
             op: DeltaWeight::new(entries),
             spectrum,
-            scaling: config.scaling,
+            scaling: config.effective_scaling(d1, d2),
         };
         let mut st = self.write();
         if st.adapters.contains_key(name) {
@@ -359,15 +368,26 @@ impl FourierLinear {
         st.weight.elem_count() + st.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 
-    /// `weight + sign·Σ ΔW` over `names`, computed in f32 and cast back to the weight's dtype once.
-    fn shifted_weight(&self, st: &State, names: &[String], sign: f64) -> Result<Tensor> {
+    /// `weight + sign·Σ ΔW` over `names`, computed in f32 and cast back to the weight's dtype once;
+    /// differentiable in the spectra (only) when `track`.
+    fn shifted_weight(
+        &self,
+        st: &State,
+        names: &[String],
+        sign: f64,
+        track: bool,
+    ) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
         for name in names {
             let adapter = st
                 .adapters
                 .get(name)
                 .ok_or_else(|| self.unknown(st, name))?;
-            let dw = adapter.delta_weight()?;
+            let dw = if track {
+                adapter.delta_weight()?
+            } else {
+                adapter.delta_weight_detached()?
+            };
             sum = Some(match sum {
                 None => dw,
                 Some(s) => (s + dw)?,
@@ -379,10 +399,9 @@ impl FourierLinear {
         if self.fan_in_fan_out {
             dw = dw.t()?;
         }
-        let w = st.weight.to_dtype(DType::F32)?;
-        let dw = dw.to_device(w.device())?;
-        let out = if sign > 0.0 { (w + dw)? } else { (w - dw)? };
-        Ok(out.to_dtype(st.weight.dtype())?)
+        let dw = dw.to_device(st.weight.device())?;
+        let dw = if sign > 0.0 { dw } else { dw.neg()? };
+        add_to_frozen(&dw, &st.weight)
     }
 
     /// Folds the active, not yet merged adapters into the weight. Forward then uses the merged
@@ -414,7 +433,7 @@ impl FourierLinear {
         if todo.is_empty() {
             return Ok(());
         }
-        let merged = self.shifted_weight(&st, &todo, 1.0)?;
+        let merged = self.shifted_weight(&st, &todo, 1.0, false)?;
         if check && !all_finite(&merged)? {
             return Err(Error::NonFinite {
                 what: self.name.clone(),
@@ -433,7 +452,7 @@ impl FourierLinear {
         if st.merged.is_empty() {
             return Ok(());
         }
-        st.weight = self.shifted_weight(&st, &st.merged, -1.0)?;
+        st.weight = self.shifted_weight(&st, &st.merged, -1.0, false)?;
         st.merged.clear();
         Ok(())
     }
@@ -448,8 +467,18 @@ impl FourierLinear {
         self.read().merged.clone()
     }
 
-    /// The forward pass with a typed error: `x` has shape `(..., in_features)` with at least 2 dims.
-    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// How the unmerged forward computes the adapters' contribution.
+    pub fn forward_mode(&self) -> ForwardMode {
+        self.read().mode
+    }
+
+    /// Sets how the unmerged forward computes the adapters' contribution.
+    pub fn set_forward_mode(&self, mode: ForwardMode) {
+        self.write().mode = mode;
+    }
+
+    /// Checks `x` is `(..., in_features)` with at least 2 dims; returns the number of tokens.
+    fn check_input(&self, x: &Tensor) -> Result<usize> {
         let dims = x.dims();
         if dims.len() < 2 || dims[dims.len() - 1] != self.in_features {
             return Err(Error::Shape {
@@ -458,28 +487,129 @@ impl FourierLinear {
                 found: dims_str(dims),
             });
         }
-        let (weight, bias) = {
-            let st = self.read();
-            let w = if st.disabled || !st.merged.is_empty() {
-                st.weight.clone()
-            } else {
-                self.shifted_weight(&st, &st.active, 1.0)?
-            };
-            (w, st.bias.clone())
-        };
-        let lead: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((lead, self.in_features))?;
-        let w = if self.fan_in_fan_out {
-            weight
-        } else {
+        Ok(dims[..dims.len() - 1].iter().product())
+    }
+
+    /// The weight as `(out, in)` (a transposed view for `fan_in_fan_out`).
+    fn weight_out_in(&self, weight: &Tensor) -> Result<Tensor> {
+        Ok(if self.fan_in_fan_out {
             weight.t()?
-        };
-        let mut y = x2.matmul(&w)?;
-        if let Some(b) = &bias {
-            y = y.broadcast_add(b)?;
+        } else {
+            weight.clone()
+        })
+    }
+
+    /// The frozen base `x·W0ᵀ + b` (W0 including merged adapters), for `x` `(tokens, in)`.
+    fn base_forward(&self, st: &State, x2: &Tensor) -> Result<Tensor> {
+        frozen_linear(x2, &self.weight_out_in(&st.weight)?, st.bias.as_ref())
+    }
+
+    /// `x·ΔWᵀ` of one adapter for `x` `(tokens, in)`, by `mode` (Auto resolved here).
+    fn adapter_forward(&self, adapter: &Adapter, x2: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+        let tokens = x2.dim(0)?;
+        let entries = adapter.entries();
+        if mode.resolve(entries, tokens, x2.device()) == ForwardMode::Spectral {
+            spectral_linear(entries, adapter.spectrum.as_tensor(), adapter.scaling, x2)
+        } else {
+            let dw = adapter.delta_weight()?.to_dtype(x2.dtype())?;
+            Ok(x2.matmul(&dw.t()?)?)
         }
-        let mut out_dims = dims.to_vec();
-        out_dims[dims.len() - 1] = self.out_features;
+    }
+
+    /// The forward pass with a typed error: `x` has shape `(..., in_features)` with at least 2 dims.
+    ///
+    /// Merged, disabled or without active adapters: the frozen base only (its backward computes
+    /// `dL/dx` only). Otherwise, per [`ForwardMode`]: `Dense` multiplies by `W0 + Σ ΔW` (ΔW
+    /// materialised once per call); `Spectral` adds each adapter's `x·ΔWᵀ` computed in
+    /// O(d log d) per token to the frozen base; `Auto` picks the cheaper.
+    pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let tokens = self.check_input(x)?;
+        let x2 = x.reshape((tokens, self.in_features))?;
+        let st = self.read();
+        let active: Vec<&Adapter> = st
+            .active
+            .iter()
+            .filter_map(|a| st.adapters.get(a))
+            .collect();
+        let y = if st.disabled || !st.merged.is_empty() || active.is_empty() {
+            self.base_forward(&st, &x2)?
+        } else if ForwardMode::resolve_all(st.mode, &active, tokens, x.device())
+            == ForwardMode::Dense
+        {
+            // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.
+            let w = self.weight_out_in(&self.shifted_weight(&st, &st.active, 1.0, true)?)?;
+            let mut y = x2.matmul(&w.t()?)?;
+            if let Some(b) = &st.bias {
+                y = y.broadcast_add(b)?;
+            }
+            y
+        } else {
+            let mut y = self.base_forward(&st, &x2)?;
+            for a in active {
+                y = (y + self.adapter_forward(a, &x2, ForwardMode::Spectral)?)?;
+            }
+            y
+        };
+        let mut out_dims = x.dims().to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_features;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// Forward for a batch whose rows use different adapters: row `b` of `x` (shape
+    /// `(batch, ..., in_features)`) gets adapter `adapters[b]`, or none for `None`, without
+    /// merging — one base model serving many adapters at once. Ignores the active set; not
+    /// allowed while merged.
+    ///
+    /// ```
+    /// use candle_core::{Device, Module, Tensor};
+    /// use fourierft::{FourierFTConfig, FourierLinear};
+    /// let dev = Device::Cpu;
+    /// let base = candle_nn::Linear::new(Tensor::randn(0f32, 0.1, (6, 4), &dev)?, None);
+    /// let layer = FourierLinear::new(base, &FourierFTConfig { n_frequency: 5, ..Default::default() })?;
+    /// layer.add_adapter("b", &FourierFTConfig { n_frequency: 3, random_loc_seed: 1, ..Default::default() })?;
+    /// let x = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+    /// let y = layer.forward_mixed(&x, &[Some("default"), None, Some("b")])?;
+    /// assert_eq!(y.dims(), &[3, 6]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_mixed(&self, x: &Tensor, adapters: &[Option<&str>]) -> Result<Tensor> {
+        let tokens = self.check_input(x)?;
+        let batch = x.dim(0)?;
+        if adapters.len() != batch {
+            return Err(Error::Shape {
+                what: format!("adapter list of a mixed batch for {}", self.name),
+                expected: format!("{batch} entries (one per row of the input)"),
+                found: format!("{} entries", adapters.len()),
+            });
+        }
+        let st = self.read();
+        self.ensure_unmerged(&st, "run a mixed-adapter batch")?;
+        let x2 = x.reshape((tokens, self.in_features))?;
+        let mut y = self.base_forward(&st, &x2)?;
+        let per_row = tokens / batch.max(1);
+        let mut names: Vec<&str> = adapters.iter().flatten().copied().collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let adapter = st
+                .adapters
+                .get(name)
+                .ok_or_else(|| self.unknown(&st, name))?;
+            // Token indices of the rows that use this adapter.
+            let idx: Vec<u32> = (0..batch)
+                .filter(|&b| adapters[b] == Some(name))
+                .flat_map(|b| (b * per_row..(b + 1) * per_row).map(|t| t as u32))
+                .collect();
+            let len = idx.len();
+            let idx = Tensor::from_vec(idx, len, x.device())?;
+            let xs = x2.index_select(&idx, 0)?;
+            let delta = self.adapter_forward(adapter, &xs, st.mode)?;
+            y = y.index_add(&idx, &delta, 0)?;
+        }
+        let mut out_dims = x.dims().to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_features;
         Ok(y.reshape(out_dims)?)
     }
 
@@ -609,4 +739,74 @@ pub fn linear_b(
         FourierLinear::from_parts(weight, bias, config.fan_in_fan_out)?.with_name(vb.prefix());
     layer.add_adapter(DEFAULT_ADAPTER, config)?;
     Ok(layer)
+}
+
+/// How [`FourierLinear`]'s unmerged forward computes the adapters' contribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardMode {
+    /// Materialise ΔW (pruned real FFT on CPU, tensor ops on GPU) and multiply by `W0 + ΔW`.
+    Dense,
+    /// `x·ΔWᵀ` per token in O(d log d) without forming ΔW (CPU only), added to the frozen base.
+    Spectral,
+    /// Spectral on CPU when it needs fewer operations than materialising ΔW, else Dense.
+    #[default]
+    Auto,
+}
+
+impl ForwardMode {
+    /// Relative cost of a length-`len` real FFT, in units where a complex multiply-add is 1.
+    fn fft_cost(len: usize) -> f64 {
+        let l = len.max(2) as f64;
+        0.5 * l * l.log2()
+    }
+
+    /// Estimated cost of the spectral product for `tokens` tokens with these entries. The
+    /// per-token constant is the measured fixed overhead (copies, plan dispatch) at small d.
+    fn spectral_cost(entries: &SpectralEntries, tokens: usize) -> f64 {
+        let (d1, d2) = entries.shape();
+        let per_token = Self::fft_cost(d1) + Self::fft_cost(d2) + entries.len() as f64 + 2000.0;
+        tokens as f64 * per_token
+    }
+
+    /// Estimated cost of materialising ΔW with these entries (and adding it to the weight).
+    fn dense_cost(entries: &SpectralEntries) -> f64 {
+        let (d1, d2) = entries.shape();
+        let m = entries.column_groups().columns.len();
+        m as f64 * Self::fft_cost(d1) * 2.0 + d1 as f64 * (Self::fft_cost(d2) + d2 as f64)
+    }
+
+    /// The concrete mode for one adapter.
+    fn resolve(self, entries: &SpectralEntries, tokens: usize, device: &Device) -> Self {
+        match self {
+            ForwardMode::Auto if !device.is_cpu() => ForwardMode::Dense,
+            ForwardMode::Auto
+                if Self::spectral_cost(entries, tokens) < Self::dense_cost(entries) =>
+            {
+                ForwardMode::Spectral
+            }
+            ForwardMode::Auto => ForwardMode::Dense,
+            other => other,
+        }
+    }
+
+    /// The concrete mode for several adapters forwarded together.
+    fn resolve_all(self, adapters: &[&Adapter], tokens: usize, device: &Device) -> Self {
+        match self {
+            ForwardMode::Auto if !device.is_cpu() => ForwardMode::Dense,
+            ForwardMode::Auto => {
+                let (s, d) = adapters.iter().fold((0.0, 0.0), |(s, d), a| {
+                    (
+                        s + Self::spectral_cost(a.entries(), tokens),
+                        d + Self::dense_cost(a.entries()),
+                    )
+                });
+                if s < d {
+                    ForwardMode::Spectral
+                } else {
+                    ForwardMode::Dense
+                }
+            }
+            other => other,
+        }
+    }
 }

@@ -381,7 +381,7 @@ fn bad_input_is_a_typed_error() -> anyhow::Result<()> {
 
 #[test]
 fn half_precision_bases_work() -> anyhow::Result<()> {
-    for dtype in [DType::BF16, DType::F16] {
+    for dtype in [DType::BF16, DType::F16, DType::F64] {
         let lin = base(12, 10, true)?;
         let lin = Linear::new(
             lin.weight().to_dtype(dtype)?,

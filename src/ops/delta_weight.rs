@@ -1,34 +1,11 @@
 //! ΔW as a differentiable candle operation, dispatched by device.
 
+use super::f32_slice;
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
 use crate::spectral::{fft, portable::PortableBasis};
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::Arc;
-
-/// Borrows the contiguous f32 data of a CPU custom-op argument.
-fn f32_slice<'a>(
-    what: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let dtype = storage.dtype();
-    let data = storage.as_slice::<f32>().map_err(|_| {
-        Error::DType {
-            what: what.into(),
-            expected: "F32".into(),
-            found: dtype,
-        }
-        .into_candle()
-    })?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => Err(candle_core::Error::msg(format!(
-            "fourierft: {what} must be contiguous"
-        ))),
-    }
-}
 
 /// Forward: coefficients `[n]` → ΔW `(d1, d2)` via the pruned real FFT.
 struct DeltaWeightFft {

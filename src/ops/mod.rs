@@ -1,5 +1,38 @@
-//! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]).
+//! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the spectral
+//! product `x·ΔWᵀ` that never forms ΔW ([`spectral_linear`]), and operations on a frozen weight
+//! whose backward skips it ([`frozen_linear`], [`add_to_frozen`]).
 
 mod delta_weight;
+mod frozen;
+mod spectral_linear;
 
 pub use delta_weight::{delta_weight, DeltaWeight};
+pub use frozen::{add_to_frozen, frozen_linear};
+pub use spectral_linear::spectral_linear;
+
+use crate::error::Error;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout};
+
+/// Borrows the contiguous f32 data of a CPU custom-op argument.
+pub(crate) fn f32_slice<'a>(
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let dtype = storage.dtype();
+    let data = storage.as_slice::<f32>().map_err(|_| {
+        Error::DType {
+            what: what.into(),
+            expected: "F32".into(),
+            found: dtype,
+        }
+        .into_candle()
+    })?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => Err(candle_core::Error::msg(format!(
+            "fourierft: {what} must be contiguous"
+        ))),
+    }
+}

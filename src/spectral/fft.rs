@@ -13,6 +13,7 @@
 //! at the `m` columns, one complex inverse FFT of length `d1` per column, a gather at the entries.
 //! Rows are processed in parallel blocks (rayon); plans and scratch are reused across calls.
 
+use super::hermitian::{add_hermitian, fix_real_bins, plus_dft_at};
 use super::{phase, plans};
 use crate::entries::SpectralEntries;
 use crate::error::{Error, Result};
@@ -24,12 +25,6 @@ fn block_rows(d1: usize, half: usize) -> usize {
     let by_threads = d1.div_ceil(4 * rayon::current_num_threads().max(1));
     let by_cache = ((1usize << 15) / half.max(1)).max(1);
     by_threads.clamp(1, 64).min(by_cache)
-}
-
-fn fft_error(e: realfft::FftError) -> Error {
-    Error::Candle(candle_core::Error::msg(format!(
-        "fourierft: real FFT failed: {e}"
-    )))
 }
 
 fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
@@ -66,7 +61,7 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
 
     // Step 1: C_v for each distinct column, stored column-major [m][d1].
     let inv_d1 = plans::complex_inverse(d1);
-    let mut cols = vec![Complex32::default(); m * d1];
+    let mut cols = plans::pooled(m * d1);
     cols.par_chunks_mut(d1).enumerate().for_each(|(g, col)| {
         for &l in &groups.entries[groups.offsets[g]..groups.offsets[g + 1]] {
             col[rows[l as usize] as usize].re += coeffs[l as usize] * s;
@@ -87,33 +82,20 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
             let j0 = blk * bl;
             let nb = out_blk.len() / d2;
             plans::with_buffers(|b| {
-                let h = plans::sized(&mut b.complex, nb * half);
+                let h = plans::sized(&mut b.complex[0], nb * half);
                 h.fill(Complex32::default());
                 for (g, &v) in groups.columns.iter().enumerate() {
-                    let v = v as usize;
                     let src = &cols[g * d1 + j0..g * d1 + j0 + nb];
-                    if v < half {
-                        for (r, val) in src.iter().enumerate() {
-                            h[r * half + v] += val;
-                        }
-                    }
-                    let w = (d2 - v) % d2;
-                    if w < half {
-                        for (r, val) in src.iter().enumerate() {
-                            h[r * half + w] += val.conj();
-                        }
+                    for (hr, &val) in h.chunks_exact_mut(half).zip(src) {
+                        add_hermitian(hr, v as usize, d2, val);
                     }
                 }
                 let scratch = plans::sized(&mut b.scratch, c2r.get_scratch_len());
                 for (r, row_out) in out_blk.chunks_exact_mut(d2).enumerate() {
                     let hr = &mut h[r * half..(r + 1) * half];
-                    // Exactly real already up to rounding; realfft insists on zero.
-                    hr[0].im = 0.0;
-                    if d2 % 2 == 0 {
-                        hr[half - 1].im = 0.0;
-                    }
+                    fix_real_bins(hr, d2);
                     c2r.process_with_scratch(hr, row_out, scratch)
-                        .map_err(fft_error)?;
+                        .map_err(plans::fft_error)?;
                 }
                 Ok::<(), Error>(())
             })
@@ -148,20 +130,15 @@ pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) ->
             let nb = g_blk.len() / d2;
             let mut t = vec![Complex32::default(); m * nb];
             plans::with_buffers(|b| {
-                let spec = plans::sized(&mut b.complex, half);
-                let input = plans::sized(&mut b.real, d2);
+                let spec = plans::sized(&mut b.complex[0], half);
+                let input = plans::sized(&mut b.real[0], d2);
                 let scratch = plans::sized(&mut b.scratch, r2c.get_scratch_len());
                 for (r, row) in g_blk.chunks_exact(d2).enumerate() {
                     input.copy_from_slice(row);
                     r2c.process_with_scratch(input, spec, scratch)
-                        .map_err(fft_error)?;
+                        .map_err(plans::fft_error)?;
                     for (g, &v) in groups.columns.iter().enumerate() {
-                        let v = v as usize;
-                        t[g * nb + r] = if v < half {
-                            spec[v].conj()
-                        } else {
-                            spec[d2 - v]
-                        };
+                        t[g * nb + r] = plus_dft_at(spec, v as usize, d2);
                     }
                 }
                 Ok::<_, Error>(())
@@ -177,7 +154,7 @@ pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) ->
         .into_par_iter()
         .map(|g| {
             plans::with_buffers(|b| {
-                let col = plans::sized(&mut b.complex, d1);
+                let col = plans::sized(&mut b.complex[0], d1);
                 let mut j0 = 0;
                 for t in &blocks {
                     let nb = t.len() / m;

@@ -1,5 +1,6 @@
-//! Spectral math: the one phase convention ([`phase`]), shared FFT plans ([`plans`]), the pruned
-//! real-FFT recovery of ΔW on CPU ([`fft`]) and the portable tensor-op recovery for CUDA/Metal
+//! Spectral math: the one phase convention ([`phase`]), shared FFT plans, the pruned
+//! real-FFT recovery of ΔW on CPU ([`fft`]), the O(d log d) per-token product `x·ΔWᵀ` ([`forward`])
+//! and the portable tensor-op recovery of ΔW for CUDA/Metal
 //! ([`portable`]).
 //!
 //! All paths compute the same function of the coefficients `c` (length n) on entries `(u_l, v_l)`:
@@ -11,6 +12,8 @@
 //! which is PEFT's `torch.fft.ifft2(dense).real * scaling` (inverse DFT, `+i` exponent, `1/(d1·d2)`).
 
 pub mod fft;
+pub mod forward;
+pub(crate) mod hermitian;
 pub mod phase;
 pub(crate) mod plans;
 pub mod portable;

@@ -44,8 +44,8 @@ pub(crate) fn real_inverse(len: usize) -> Arc<dyn ComplexToReal<f32>> {
 #[derive(Default)]
 pub(crate) struct Buffers {
     pub scratch: Vec<Complex32>,
-    pub complex: Vec<Complex32>,
-    pub real: Vec<f32>,
+    pub complex: [Vec<Complex32>; 3],
+    pub real: [Vec<f32>; 2],
 }
 
 /// Runs `f` with this thread's buffers. `f` must not call back into rayon.
@@ -64,4 +64,60 @@ pub(crate) fn with_buffers<R>(f: impl FnOnce(&mut Buffers) -> R) -> R {
 pub(crate) fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     v.resize(len, T::default());
     &mut v[..len]
+}
+
+/// realfft only fails on wrongly sized buffers or non-real bins, which the callers rule out;
+/// should it happen anyway, it is an error, not a panic.
+pub(crate) fn fft_error(e: realfft::FftError) -> crate::Error {
+    crate::Error::Candle(candle_core::Error::msg(format!(
+        "fourierft: real FFT failed: {e}"
+    )))
+}
+
+/// A large zeroed complex buffer taken from a small process-wide pool and returned on drop, so
+/// repeated calls do not pay fresh pages (page faults and kernel zeroing) every time.
+pub(crate) struct Pooled(Vec<Complex32>);
+
+const POOL_SIZE: usize = 2;
+
+fn pool() -> &'static Mutex<Vec<Vec<Complex32>>> {
+    static POOL: OnceLock<Mutex<Vec<Vec<Complex32>>>> = OnceLock::new();
+    POOL.get_or_init(Default::default)
+}
+
+/// A zeroed buffer of `len` complex values.
+pub(crate) fn pooled(len: usize) -> Pooled {
+    let mut v = {
+        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+        // Prefer a buffer that is already big enough.
+        match p.iter().position(|b| b.capacity() >= len) {
+            Some(i) => p.swap_remove(i),
+            None => p.pop().unwrap_or_default(),
+        }
+    };
+    v.clear();
+    v.resize(len, Complex32::default());
+    Pooled(v)
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() < POOL_SIZE {
+            p.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = [Complex32];
+    fn deref(&self) -> &[Complex32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut [Complex32] {
+        &mut self.0
+    }
 }

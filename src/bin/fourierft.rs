@@ -1,0 +1,309 @@
+//! The `fourierft` command line (feature `cli`): merge a PEFT FourierFT adapter into a safetensors
+//! checkpoint, or inspect an adapter directory.
+//!
+//! Every failure prints one line, `fourierft: error: ...`, naming the file and tensor involved,
+//! and exits with code 2; `--output` is written to a temporary file and renamed, so a failed merge
+//! leaves no output file.
+
+use clap::error::ErrorKind;
+use clap::{Parser, Subcommand};
+use fourierft::config::ModuleSelector;
+use fourierft::peft::{
+    adapter_dir, merge_safetensors, resolve_fan_in_fan_out, PeftAdapter, CONFIG_FILE, KEY_PREFIX,
+    SPECTRUM_SUFFIX, WEIGHTS_FILE,
+};
+use fourierft::{Error, Result};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// FourierFT adapters in Hugging Face PEFT's format.
+#[derive(Parser)]
+#[command(name = "fourierft", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge an adapter into a safetensors checkpoint: W = W0 + ΔW for every adapted weight.
+    Merge {
+        /// The base model's safetensors file.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory (PEFT's save_pretrained output).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged safetensors file.
+        #[arg(long)]
+        output: PathBuf,
+        /// The adapter's name; non-default adapters live in ADAPTER/NAME, as PEFT saves them.
+        #[arg(long, default_value = "default")]
+        adapter_name: String,
+        /// Prepended to module paths to find base tensors: module <path> merges into
+        /// <PREFIX><path>.weight.
+        #[arg(long, default_value = "")]
+        base_prefix: String,
+    },
+    /// Describe an adapter: configuration, adapted layers, trainable parameters, file sizes.
+    Inspect {
+        /// The adapter directory.
+        adapter: PathBuf,
+        /// The adapter's name (see `merge`).
+        #[arg(long, default_value = "default")]
+        adapter_name: String,
+        /// A base safetensors file, to show each layer's (d1, d2) and check that the adapter fits.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// See `merge`.
+        #[arg(long, default_value = "")]
+        base_prefix: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            return fail("a subcommand is required: merge or inspect (see fourierft --help)");
+        }
+        Err(e) => {
+            // clap's message without the usage block, on one line.
+            let text = e.render().to_string();
+            let words: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .flat_map(str::split_whitespace)
+                .collect();
+            let message = words.join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            return fail(&format!("{message} (see fourierft --help)"));
+        }
+    };
+    // Library code does not panic on bad input; this keeps the one-line contract regardless.
+    std::panic::set_hook(Box::new(|_| {}));
+    match std::panic::catch_unwind(|| run(cli.command)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => fail(&e.to_string()),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            fail(&format!("internal error: {msg}"))
+        }
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("fourierft: error: {}", message.replace('\n', " "));
+    ExitCode::from(2)
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Merge {
+            base,
+            adapter,
+            output,
+            adapter_name,
+            base_prefix,
+        } => {
+            let adapter = PeftAdapter::load_named(&adapter, &adapter_name)?;
+            let s = merge_safetensors(&base, &adapter, &base_prefix, &output)?;
+            for (name, ffo) in &s.merged {
+                let layout = if *ffo { "(in, out)" } else { "(out, in)" };
+                println!("merged   {name} {layout}");
+            }
+            for name in &s.replaced {
+                println!("replaced {name}");
+            }
+            println!(
+                "wrote {}: {} merged, {} replaced, {} copied unchanged",
+                output.display(),
+                s.merged.len(),
+                s.replaced.len(),
+                s.copied
+            );
+            Ok(())
+        }
+        Command::Inspect {
+            adapter,
+            adapter_name,
+            base,
+            base_prefix,
+        } => inspect(&adapter, &adapter_name, base.as_deref(), &base_prefix),
+    }
+}
+
+fn inspect(root: &Path, name: &str, base: Option<&Path>, prefix: &str) -> Result<()> {
+    let dir = adapter_dir(root, name);
+    let adapter = PeftAdapter::load(&dir)?;
+    let c = adapter.config();
+    let shapes = base.map(read_shapes).transpose()?;
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+
+    println!("adapter {} ({name})", dir.display());
+    for f in [CONFIG_FILE, WEIGHTS_FILE] {
+        let size = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        println!("  {f}: {size} bytes");
+    }
+    println!(
+        "peft_type {}  peft_version {}  task_type {}  base_model {}",
+        c.peft_type,
+        opt(&c.peft_version),
+        opt(&c.task_type),
+        opt(&c.base_model_name_or_path)
+    );
+    println!(
+        "n_frequency {}  scaling {}  random_loc_seed {}  ifft2_norm {}  init_weights {}  \
+         fan_in_fan_out {}  bias {}",
+        c.n_frequency,
+        c.scaling,
+        c.random_loc_seed,
+        json(&c.ifft2_norm),
+        c.init_weights,
+        c.fan_in_fan_out,
+        json(&c.bias)
+    );
+    let target = match &c.target_modules {
+        Some(ModuleSelector::Regex(r)) => format!("regex {r:?}"),
+        other => json(other),
+    };
+    println!(
+        "target_modules {target}  exclude_modules {}",
+        json(&c.exclude_modules)
+    );
+    println!(
+        "layers_to_transform {}  layers_pattern {}  modules_to_save {}",
+        json(&c.layers_to_transform),
+        json(&c.layers_pattern),
+        json(&c.modules_to_save)
+    );
+    let pattern: serde_json::Map<String, serde_json::Value> = c
+        .n_frequency_pattern
+        .iter()
+        .map(|(k, n)| (k.clone(), (*n).into()))
+        .collect();
+    println!("n_frequency_pattern {}", serde_json::Value::Object(pattern));
+
+    println!("adapted layers ({}):", adapter.spectra().len());
+    for (path, spectrum) in adapter.spectra() {
+        let n = spectrum.elem_count();
+        let shape = match &shapes {
+            None => "(d1, d2) unknown: pass --base".to_string(),
+            Some(s) => layer_shape(&adapter, s, base.unwrap_or(Path::new("")), prefix, path, n)?,
+        };
+        println!("  {path}  n={n}  {shape}");
+    }
+    let extra: usize = adapter
+        .extra_tensors()
+        .values()
+        .map(|t| t.elem_count())
+        .sum();
+    for (name, t) in adapter.extra_tensors() {
+        println!("  extra tensor {name} {:?}", t.dims());
+    }
+    println!(
+        "trainable parameters: {} spectral coefficients + {extra} in extra tensors = {}",
+        adapter.num_coefficients(),
+        adapter.num_coefficients() + extra
+    );
+    Ok(())
+}
+
+/// `(d1, d2) = (.., ..) layout` of module `path` in the base, checking that `n` entries fit.
+fn layer_shape(
+    adapter: &PeftAdapter,
+    shapes: &HashMap<String, Vec<usize>>,
+    base: &Path,
+    prefix: &str,
+    path: &str,
+    n: usize,
+) -> Result<String> {
+    let name = format!("{prefix}{path}.weight");
+    let missing = || Error::File {
+        path: base.to_path_buf(),
+        message: format!(
+            "no tensor {name:?} for adapted module {path:?} ({KEY_PREFIX}{path}{SPECTRUM_SUFFIX}); \
+             check the base prefix"
+        ),
+    };
+    let dims = shapes.get(&name).ok_or_else(missing)?;
+    let &[a, b] = dims.as_slice() else {
+        return Err(Error::Shape {
+            what: format!("tensor {name:?} of {}", base.display()),
+            expected: "2 dims".into(),
+            found: format!("{dims:?}"),
+        });
+    };
+    let bias = shapes
+        .get(&format!("{prefix}{path}.bias"))
+        .and_then(|d| match d.as_slice() {
+            [n] => Some(*n),
+            _ => None,
+        });
+    let ffo = resolve_fan_in_fan_out(adapter.config().fan_in_fan_out, (a, b), bias);
+    let (d1, d2) = if ffo { (b, a) } else { (a, b) };
+    if n > d1 * d2 {
+        return Err(Error::EntryCount {
+            context: format!("{path} (tensor {name:?} of {})", base.display()),
+            n,
+            max: d1 * d2,
+            d1,
+            d2,
+        });
+    }
+    let layout = if ffo { "(in, out)" } else { "(out, in)" };
+    Ok(format!("(d1, d2) = ({d1}, {d2}), weight stored {layout}"))
+}
+
+/// The tensor shapes of a safetensors file, from its header only.
+fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |m: String| Error::File {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {m}"),
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(e.to_string()))?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let mut shapes = HashMap::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let shape: Vec<usize> = serde_json::from_value(info["shape"].clone())
+            .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+        shapes.insert(name, shape);
+    }
+    Ok(shapes)
+}
+
+/// Compact JSON of a configuration value, without the quotes of a plain string.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}

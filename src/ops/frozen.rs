@@ -1,0 +1,136 @@
+//! Operations on a frozen tensor whose backward skips it entirely.
+//!
+//! candle's backward computes (and stores) the gradient of every operand of a matmul or an add,
+//! so `x·W0ᵀ` or `W0 + ΔW` with a frozen `W0` still costs a weight-sized GEMM or buffer every
+//! step. Here the value is computed outside the graph and re-attached to the trainable operand
+//! by an op whose backward sends the gradient to that operand only.
+
+use crate::error::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+/// How the gradient of the attached value maps to the trainable operand.
+enum GradMap {
+    /// `dL/dx = g · weight` (`weight` is `(out, in)`).
+    MatmulBy(Tensor),
+    /// `dL/dx = g` (cast to the operand's dtype).
+    Identity,
+}
+
+/// Returns its second argument (computed outside the graph); its backward sends the gradient,
+/// mapped by [`GradMap`], to the first.
+struct AttachGrad(GradMap);
+
+impl CustomOp2 for AttachGrad {
+    fn name(&self) -> &'static str {
+        "fourierft-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        y: &candle_core::MetalStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = match &self.0 {
+            GradMap::MatmulBy(w) => grad.matmul(w)?,
+            GradMap::Identity => grad.to_dtype(x.dtype())?,
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+/// `x·Wᵀ + b` for `x` `(tokens, in)` and a frozen `weight` `(out, in)`: the backward yields
+/// `dL/dx` only, and nothing weight-sized is computed or stored for `weight` or `bias`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let w = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &Device::Cpu)?;
+/// let x = Var::new(&[[1f32, -1.0]], &Device::Cpu)?;
+/// let y = fourierft::ops::frozen_linear(x.as_tensor(), &w, None)?;
+/// assert_eq!(y.to_vec2::<f32>()?, vec![vec![-1.0, -1.0, -1.0]]);
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec2::<f32>()?, vec![vec![9.0, 12.0]]);
+/// assert!(grads.get(&w).is_none());
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let weight = weight.detach();
+    let mut y = x.detach().matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.detach())?;
+    }
+    if !x.track_op() {
+        return Ok(y);
+    }
+    attach(x, y, GradMap::MatmulBy(weight))
+}
+
+/// `frozen + delta` in `frozen`'s dtype (the sum taken in f32, or f64 for f64 weights), with
+/// gradient to `delta` only:
+/// no weight-sized gradient is computed or stored for `frozen`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let w0 = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?;
+/// let dw = Var::new(&[[0.5f32, 0.0], [0.0, 0.5]], &Device::Cpu)?;
+/// let w = fourierft::ops::add_to_frozen(dw.as_tensor(), &w0)?;
+/// assert_eq!(w.to_vec2::<f32>()?, vec![vec![1.5, 2.0], vec![3.0, 4.5]]);
+/// let grads = w.sum_all()?.backward()?;
+/// assert!(grads.get(dw.as_tensor()).is_some() && grads.get(&w0).is_none());
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn add_to_frozen(delta: &Tensor, frozen: &Tensor) -> Result<Tensor> {
+    // f32 for f32/f16/bf16 weights; f64 weights keep their precision.
+    let acc = if frozen.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let sum = (frozen.detach().to_dtype(acc)? + delta.detach().to_dtype(acc)?)?
+        .to_dtype(frozen.dtype())?;
+    if !delta.track_op() {
+        return Ok(sum);
+    }
+    attach(delta, sum, GradMap::Identity)
+}
+
+fn attach(operand: &Tensor, value: Tensor, map: GradMap) -> Result<Tensor> {
+    // A fresh, contiguous value starting at offset 0, so cloning its storage is exact.
+    let value = value.contiguous()?;
+    let value = if value.layout().start_offset() == 0 {
+        value
+    } else {
+        value.copy()?
+    };
+    Ok(operand.apply_op2(&value, AttachGrad(map))?)
+}

@@ -1,0 +1,149 @@
+//! `x·ΔWᵀ` as a candle op with autograd for `x` and the coefficients, without forming ΔW (CPU).
+
+use super::f32_slice;
+use crate::entries::SpectralEntries;
+use crate::error::{dims_str, Error, Result};
+use crate::spectral::forward;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+struct SpectralLinear {
+    entries: Arc<SpectralEntries>,
+    alpha: f64,
+}
+
+impl CustomOp2 for SpectralLinear {
+    fn name(&self) -> &'static str {
+        "fourierft-spectral-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice("input of the spectral forward", xs, xl)?;
+        let c = f32_slice("spectral coefficients", cs, cl)?;
+        let y = forward::forward(&self.entries, c, self.alpha, x).map_err(Error::into_candle)?;
+        let tokens = xl.dims()[0];
+        Ok((CpuStorage::F32(y), Shape::from((tokens, self.entries.d1()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let need_dx = x.track_op();
+        let op = SpectralLinearGrad {
+            entries: self.entries.clone(),
+            alpha: self.alpha,
+            need_dx,
+        };
+        let packed = x.apply_op3_no_bwd(c, &grad.contiguous()?, &op)?;
+        let (tokens, d2) = x.dims2()?;
+        let n = self.entries.len();
+        let dx = if need_dx {
+            Some(packed.narrow(0, 0, tokens * d2)?.reshape((tokens, d2))?)
+        } else {
+            None
+        };
+        let dc = packed.narrow(0, packed.dim(0)? - n, n)?;
+        Ok((dx, Some(dc)))
+    }
+}
+
+/// Backward of [`SpectralLinear`]: `(x, c, dL/dy)` → `[dL/dx (flattened, if needed) | dL/dc]`.
+struct SpectralLinearGrad {
+    entries: Arc<SpectralEntries>,
+    alpha: f64,
+    need_dx: bool,
+}
+
+impl CustomOp3 for SpectralLinearGrad {
+    fn name(&self) -> &'static str {
+        "fourierft-spectral-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice("input of the spectral forward", xs, xl)?;
+        let c = f32_slice("spectral coefficients", cs, cl)?;
+        let g = f32_slice("gradient of the spectral forward", gs, gl)?;
+        let (dx, dc) = forward::backward(&self.entries, c, self.alpha, x, g, self.need_dx)
+            .map_err(Error::into_candle)?;
+        let mut packed = dx.unwrap_or_default();
+        packed.extend_from_slice(&dc);
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+}
+
+/// `x·ΔWᵀ` for `x` of shape `(tokens, d2)`, f32 on CPU, with ΔW given by `entries`,
+/// `coeffs` (f32 `[n]`) and `alpha` — computed in O(d log d) per token without forming ΔW.
+/// Differentiable in `x` and `coeffs`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use fourierft::{ops, SpectralEntries};
+/// let e = SpectralEntries::uniform(6, 4, 5, 777)?;
+/// let c = Tensor::new(&[1f32, -2.0, 0.5, 0.25, 1.5], &Device::Cpu)?;
+/// let x = Tensor::new(&[[1f32, 0.0, -1.0, 2.0], [0.5, 0.5, 0.5, 0.5]], &Device::Cpu)?;
+/// let y = ops::spectral_linear(&e, &c, 100.0, &x)?;
+/// let dense = x.matmul(&ops::delta_weight(&e, &c, 100.0)?.t()?)?;
+/// let diff = (y - dense)?.abs()?.max_all()?.to_scalar::<f32>()?;
+/// assert!(diff < 1e-4);
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn spectral_linear(
+    entries: &Arc<SpectralEntries>,
+    coeffs: &Tensor,
+    alpha: f64,
+    x: &Tensor,
+) -> Result<Tensor> {
+    let (d1, d2) = entries.shape();
+    let what = || format!("input of the spectral forward of a {d1}x{d2} adapter");
+    match x.dims() {
+        [_, k] if *k == d2 => {}
+        dims => {
+            return Err(Error::Shape {
+                what: what(),
+                expected: format!("(tokens, {d2})"),
+                found: dims_str(dims),
+            })
+        }
+    }
+    if coeffs.dims() != [entries.len()] {
+        return Err(Error::Shape {
+            what: "spectral coefficients".into(),
+            expected: format!("[{}]", entries.len()),
+            found: dims_str(coeffs.dims()),
+        });
+    }
+    if !x.device().is_cpu() {
+        return Err(Error::Config(format!(
+            "{}: the spectral forward runs on CPU only; use ForwardMode::Dense on {:?}",
+            what(),
+            x.device().location()
+        )));
+    }
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let c32 = coeffs.to_dtype(DType::F32)?.contiguous()?;
+    let op = SpectralLinear {
+        entries: entries.clone(),
+        alpha,
+    };
+    Ok(x32.apply_op2(&c32, op)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,167 @@
+//! File helpers with typed errors: reading, safetensors parsing, atomic writes.
+
+use crate::error::{Error, Result};
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::{SafeTensors, View};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Reads a whole file.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A [`Error::File`] for `path`.
+pub(crate) fn file_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Parses safetensors bytes read from `path`.
+pub(crate) fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))
+}
+
+/// The `__metadata__` of safetensors bytes (already validated by [`parse_safetensors`]).
+pub(crate) fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Loads tensor `name` of `path` onto the CPU, keeping its dtype.
+pub(crate) fn load_view(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
+    view.load(&Device::Cpu).map_err(|e| {
+        file_error(
+            path,
+            format!("tensor {name:?} ({:?}) cannot be read: {e}", view.dtype()),
+        )
+    })
+}
+
+/// Index and value of the first NaN or infinite value of `t`, if any.
+pub(crate) fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f32)>> {
+    let v = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(v.into_iter().enumerate().find(|(_, x)| !x.is_finite()))
+}
+
+/// A tensor to write: borrowed bytes of an input file, or a CPU tensor of this process.
+pub(crate) enum OutTensor<'a> {
+    /// Copied unchanged from an input file.
+    Raw(TensorView<'a>),
+    /// Computed here: must be a contiguous CPU tensor.
+    Owned {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    },
+}
+
+impl OutTensor<'_> {
+    /// Converts a tensor (any device, any layout) to bytes in its dtype.
+    pub(crate) fn owned(t: &Tensor) -> Result<OutTensor<'static>> {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let data = View::data(&&t).into_owned();
+        Ok(OutTensor::Owned {
+            dtype: t.dtype().into(),
+            shape: t.dims().to_vec(),
+            data,
+        })
+    }
+}
+
+impl View for OutTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            OutTensor::Raw(v) => v.dtype(),
+            OutTensor::Owned { dtype, .. } => *dtype,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            OutTensor::Raw(v) => v.shape(),
+            OutTensor::Owned { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            OutTensor::Raw(v) => Cow::Borrowed(v.data()),
+            OutTensor::Owned { data, .. } => Cow::Borrowed(data),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            OutTensor::Raw(v) => v.data().len(),
+            OutTensor::Owned { data, .. } => data.len(),
+        }
+    }
+}
+
+/// Writes `tensors` as a safetensors file at `path` (atomically), with `metadata` plus
+/// `"format": "pt"` when it has no `format`.
+pub(crate) fn write_safetensors<'a>(
+    path: &Path,
+    tensors: Vec<(String, OutTensor<'a>)>,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
+    metadata
+        .entry("format".into())
+        .or_insert_with(|| "pt".into());
+    atomic_write(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp)
+            .map_err(|e| file_error(path, format!("cannot write safetensors: {e}")))
+    })
+}
+
+/// Writes `bytes` to `path` atomically.
+pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|source| Error::Io {
+            path: tmp.to_path_buf(),
+            source,
+        })
+    })
+}
+
+/// Runs `write` on a fresh temporary file next to `path`, then renames it to `path`; on any
+/// failure the temporary file is removed and `path` is left as it was.
+pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| file_error(path, "output path has no file name"))?
+        .to_string_lossy();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    });
+    if result.is_err() {
+        // Best effort: the temporary may not exist if the write failed early.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

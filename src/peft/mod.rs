@@ -1,0 +1,22 @@
+//! Hugging Face PEFT interoperability: adapter directories in PEFT's format, PEFT's module
+//! matching rules, and merging an adapter into a safetensors checkpoint.
+//!
+//! An adapter directory holds `adapter_config.json` (a [`FourierFTConfig`](crate::FourierFTConfig)
+//! as JSON) and `adapter_model.safetensors` (one f32 `[n]` tensor
+//! `base_model.model.<module path>.fourierft_spectrum` per adapted module). Entry positions are
+//! not stored; they are regenerated bit-exactly from `random_loc_seed`. See [`PeftAdapter`] for
+//! files, [`ModuleMatcher`] for `target_modules` and friends, [`merge_safetensors`] for the
+//! offline merge behind `fourierft merge`, and [`crate::inject`] / [`crate::backend`] for using
+//! an adapter with a model.
+
+mod adapter;
+mod io;
+mod merge;
+mod target;
+
+pub use adapter::{
+    adapter_dir, PeftAdapter, CONFIG_FILE, KEY_PREFIX, PEFT_FORMAT_VERSION, SPECTRUM_SUFFIX,
+    WEIGHTS_FILE,
+};
+pub use merge::{merge_safetensors, resolve_fan_in_fan_out, MergeSummary};
+pub use target::ModuleMatcher;

@@ -1,0 +1,225 @@
+//! The unmerged spectral forward `y = x·ΔWᵀ` in O(d log d) per token, and its backward,
+//! without ever forming ΔW (CPU, f32).
+//!
+//! For one token `x` (length `d2`), with `X̃[v] = Σ_k x_k e^{+2πi v k/d2}`:
+//!
+//! ```text
+//! y_j = alpha/(d1·d2) · Re Σ_u z[u] e^{+2πi u j/d1},   z[u] = Σ_{l: u_l = u} c_l · X̃[v_l]
+//! ```
+//!
+//! i.e. one real FFT of length `d2`, `n` complex multiply-adds, one complex-to-real inverse FFT of
+//! length `d1`. The backward has the same shape transposed: with `Ĝ[u] = Σ_j g_j e^{+2πi u j/d1}`
+//! for the output gradient `g`, `dL/dx = alpha/(d1·d2)·Re Σ_v w[v] e^{+2πi v k/d2}` with
+//! `w[v] = Σ_{l: v_l = v} c_l Ĝ[u_l]`, and `dL/dc_l = alpha/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
+//! Tokens are processed in parallel blocks; plans and scratch are reused across calls.
+
+use super::hermitian::{add_hermitian, fix_real_bins, plus_dft_at};
+use super::{phase, plans};
+use crate::entries::SpectralEntries;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use rustfft::num_complex::Complex32;
+
+fn check(what: &str, found: usize, per_token: usize) -> Result<usize> {
+    if per_token == 0 || found % per_token != 0 {
+        return Err(Error::Shape {
+            what: what.into(),
+            expected: format!("(tokens, {per_token}) flattened"),
+            found: format!("{found} values"),
+        });
+    }
+    Ok(found / per_token)
+}
+
+/// Tokens per parallel block.
+fn block_tokens(tokens: usize) -> usize {
+    tokens
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .clamp(1, 256)
+}
+
+/// `y = x·ΔWᵀ` for `x` of shape `(tokens, d2)` (row-major), returning `(tokens, d1)`.
+///
+/// ```
+/// use fourierft::{spectral::{fft, forward}, SpectralEntries};
+/// let e = SpectralEntries::uniform(5, 4, 6, 1)?;
+/// let c = [0.5f32, -1.0, 2.0, 0.3, 1.0, -0.2];
+/// let x = [1.0f32, 2.0, -1.0, 0.5];
+/// let y = forward::forward(&e, &c, 10.0, &x)?;
+/// let dw = fft::delta_weight(&e, &c, 10.0)?;
+/// for j in 0..5 {
+///     let want: f32 = (0..4).map(|k| dw[j * 4 + k] * x[k]).sum();
+///     assert!((y[j] - want).abs() < 1e-5);
+/// }
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn forward(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    x: &[f32],
+) -> Result<Vec<f32>> {
+    let (d1, d2) = entries.shape();
+    check_coeffs(entries, coeffs)?;
+    let tokens = check("input of the spectral forward", x.len(), d2)?;
+    let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
+    let (r2c, c2r) = (plans::real_forward(d2), plans::real_inverse(d1));
+    let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
+    let cs = scaled(coeffs, alpha, d1, d2, 0.5);
+    let (rows, cols) = (entries.rows(), entries.cols());
+    let bt = block_tokens(tokens);
+    let mut y = vec![0f32; tokens * d1];
+    y.par_chunks_mut(bt * d1)
+        .zip(x.par_chunks(bt * d2))
+        .try_for_each(|(y_blk, x_blk)| {
+            plans::with_buffers(|b| {
+                let plans::Buffers {
+                    scratch,
+                    complex: [xs, h, _],
+                    real: [xin, _],
+                } = b;
+                let scratch = plans::sized(scratch, scratch_len);
+                let (xs, h, xin) = (
+                    plans::sized(xs, half2),
+                    plans::sized(h, half1),
+                    plans::sized(xin, d2),
+                );
+                for (y_t, x_t) in y_blk.chunks_exact_mut(d1).zip(x_blk.chunks_exact(d2)) {
+                    xin.copy_from_slice(x_t);
+                    r2c.process_with_scratch(xin, xs, scratch)
+                        .map_err(plans::fft_error)?;
+                    h.fill(Complex32::default());
+                    for l in 0..cs.len() {
+                        let val = plus_dft_at(xs, cols[l] as usize, d2) * cs[l];
+                        add_hermitian(h, rows[l] as usize, d1, val);
+                    }
+                    fix_real_bins(h, d1);
+                    c2r.process_with_scratch(h, y_t, scratch)
+                        .map_err(plans::fft_error)?;
+                }
+                Ok::<(), Error>(())
+            })
+        })?;
+    Ok(y)
+}
+
+/// Gradients of the spectral forward: given `x` `(tokens, d2)` and `g = dL/dy` `(tokens, d1)`,
+/// returns `dL/dx` `(tokens, d2)` (only when `need_dx`) and `dL/dc` `[n]`.
+pub fn backward(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    x: &[f32],
+    g: &[f32],
+    need_dx: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    let (d1, d2) = entries.shape();
+    check_coeffs(entries, coeffs)?;
+    let tokens = check("input of the spectral forward", x.len(), d2)?;
+    let g_tokens = check("gradient of the spectral forward", g.len(), d1)?;
+    if g_tokens != tokens {
+        return Err(Error::Shape {
+            what: "gradient of the spectral forward".into(),
+            expected: format!("({tokens}, {d1})"),
+            found: format!("({g_tokens}, {d1})"),
+        });
+    }
+    let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
+    let (r2c_x, r2c_g, c2r) = (
+        plans::real_forward(d2),
+        plans::real_forward(d1),
+        plans::real_inverse(d2),
+    );
+    let scratch_len = r2c_x
+        .get_scratch_len()
+        .max(r2c_g.get_scratch_len())
+        .max(c2r.get_scratch_len());
+    let cs = scaled(coeffs, alpha, d1, d2, 0.5);
+    let (rows, cols) = (entries.rows(), entries.cols());
+    let n = cs.len();
+    let bt = block_tokens(tokens);
+    let mut dx = vec![0f32; if need_dx { tokens * d2 } else { 0 }];
+    let dx_chunks: Vec<&mut [f32]> = if need_dx {
+        dx.chunks_mut(bt * d2).collect()
+    } else {
+        (0..tokens.div_ceil(bt)).map(|_| &mut [][..]).collect()
+    };
+    let partial: Vec<Vec<f32>> = dx_chunks
+        .into_par_iter()
+        .zip(x.par_chunks(bt * d2))
+        .zip(g.par_chunks(bt * d1))
+        .map(|((dx_blk, x_blk), g_blk)| {
+            plans::with_buffers(|b| {
+                let plans::Buffers {
+                    scratch,
+                    complex: [xs, gs, w],
+                    real: [xin, gin],
+                } = b;
+                let scratch = plans::sized(scratch, scratch_len);
+                let (xs, gs, w) = (
+                    plans::sized(xs, half2),
+                    plans::sized(gs, half1),
+                    plans::sized(w, half2),
+                );
+                let (xin, gin) = (plans::sized(xin, d2), plans::sized(gin, d1));
+                let mut dc = vec![0f32; n];
+                for (t, (x_t, g_t)) in x_blk
+                    .chunks_exact(d2)
+                    .zip(g_blk.chunks_exact(d1))
+                    .enumerate()
+                {
+                    gin.copy_from_slice(g_t);
+                    r2c_g
+                        .process_with_scratch(gin, gs, scratch)
+                        .map_err(plans::fft_error)?;
+                    xin.copy_from_slice(x_t);
+                    r2c_x
+                        .process_with_scratch(xin, xs, scratch)
+                        .map_err(plans::fft_error)?;
+                    for l in 0..n {
+                        let gu = plus_dft_at(gs, rows[l] as usize, d1);
+                        let xv = plus_dft_at(xs, cols[l] as usize, d2);
+                        dc[l] += gu.re * xv.re - gu.im * xv.im;
+                    }
+                    if need_dx {
+                        w.fill(Complex32::default());
+                        for l in 0..n {
+                            let val = plus_dft_at(gs, rows[l] as usize, d1) * cs[l];
+                            add_hermitian(w, cols[l] as usize, d2, val);
+                        }
+                        fix_real_bins(w, d2);
+                        c2r.process_with_scratch(w, &mut dx_blk[t * d2..(t + 1) * d2], scratch)
+                            .map_err(plans::fft_error)?;
+                    }
+                }
+                Ok::<_, Error>(dc)
+            })
+        })
+        .collect::<Result<_>>()?;
+    let s = phase::scale(alpha, d1, d2) as f32;
+    let mut dc = vec![0f32; n];
+    for p in partial {
+        for (a, b) in dc.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dc.iter_mut().for_each(|v| *v *= s);
+    Ok((need_dx.then_some(dx), dc))
+}
+
+fn check_coeffs(entries: &SpectralEntries, coeffs: &[f32]) -> Result<()> {
+    if coeffs.len() != entries.len() {
+        return Err(Error::Shape {
+            what: "spectral coefficients".into(),
+            expected: format!("[{}]", entries.len()),
+            found: format!("[{}]", coeffs.len()),
+        });
+    }
+    Ok(())
+}
+
+/// `c_l · alpha/(d1·d2) · extra`.
+fn scaled(coeffs: &[f32], alpha: f64, d1: usize, d2: usize, extra: f64) -> Vec<f32> {
+    let s = (phase::scale(alpha, d1, d2) * extra) as f32;
+    coeffs.iter().map(|c| c * s).collect()
+}
