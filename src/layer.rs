@@ -39,12 +39,6 @@ impl Adapter {
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.op.forward(self.spectrum.as_tensor(), self.scaling)
     }
-
-    /// ΔW outside the autograd graph (for merging).
-    fn delta_weight_detached(&self) -> Result<Tensor> {
-        self.op
-            .forward(&self.spectrum.as_tensor().detach(), self.scaling)
-    }
 }
 
 /// A linear layer `y = x·W0ᵀ + b` whose weight W0 (and bias) stay frozen, plus FourierFT adapters:
@@ -368,40 +362,46 @@ impl FourierLinear {
         st.weight.elem_count() + st.bias.as_ref().map_or(0, |b| b.elem_count())
     }
 
-    /// `weight + sign·Σ ΔW` over `names`, computed in f32 and cast back to the weight's dtype once;
-    /// differentiable in the spectra (only) when `track`.
-    fn shifted_weight(
-        &self,
-        st: &State,
-        names: &[String],
-        sign: f64,
-        track: bool,
-    ) -> Result<Tensor> {
+    /// `weight + Σ ΔW` over the active adapters, differentiable in their spectra only (ΔW summed
+    /// in f32 and cast to the weight's dtype once).
+    fn effective_weight(&self, st: &State) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
-        for name in names {
+        for name in &st.active {
             let adapter = st
                 .adapters
                 .get(name)
                 .ok_or_else(|| self.unknown(st, name))?;
-            let dw = if track {
-                adapter.delta_weight()?
-            } else {
-                adapter.delta_weight_detached()?
-            };
+            let dw = adapter.delta_weight()?;
             sum = Some(match sum {
                 None => dw,
                 Some(s) => (s + dw)?,
             });
         }
-        let Some(mut dw) = sum else {
+        let Some(dw) = sum else {
             return Ok(st.weight.clone());
         };
-        if self.fan_in_fan_out {
-            dw = dw.t()?;
+        let dw = if self.fan_in_fan_out { dw.t()? } else { dw };
+        add_to_frozen(&dw.to_device(st.weight.device())?, &st.weight)
+    }
+
+    /// `weight + sign·Σ ΔW` over `names`, outside the autograd graph (merge and unmerge). For an
+    /// f32 CPU weight each adapter is added in one fused pass, without a ΔW buffer.
+    fn merged_weight(&self, st: &State, names: &[String], sign: f64) -> Result<Tensor> {
+        // Work on the (out, in) view; fan_in_fan_out weights are transposed back at the end.
+        let mut w = self.weight_out_in(&st.weight)?;
+        for name in names {
+            let adapter = st
+                .adapters
+                .get(name)
+                .ok_or_else(|| self.unknown(st, name))?;
+            let c = adapter.spectrum.as_tensor();
+            w = adapter.op.add_to(&w, c, sign * adapter.scaling)?;
         }
-        let dw = dw.to_device(st.weight.device())?;
-        let dw = if sign > 0.0 { dw } else { dw.neg()? };
-        add_to_frozen(&dw, &st.weight)
+        Ok(if self.fan_in_fan_out {
+            w.t()?.contiguous()?
+        } else {
+            w
+        })
     }
 
     /// Folds the active, not yet merged adapters into the weight. Forward then uses the merged
@@ -433,7 +433,7 @@ impl FourierLinear {
         if todo.is_empty() {
             return Ok(());
         }
-        let merged = self.shifted_weight(&st, &todo, 1.0, false)?;
+        let merged = self.merged_weight(&st, &todo, 1.0)?;
         if check && !all_finite(&merged)? {
             return Err(Error::NonFinite {
                 what: self.name.clone(),
@@ -452,7 +452,7 @@ impl FourierLinear {
         if st.merged.is_empty() {
             return Ok(());
         }
-        st.weight = self.shifted_weight(&st, &st.merged, -1.0, false)?;
+        st.weight = self.merged_weight(&st, &st.merged, -1.0)?;
         st.merged.clear();
         Ok(())
     }
@@ -537,7 +537,7 @@ impl FourierLinear {
             == ForwardMode::Dense
         {
             // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.
-            let w = self.weight_out_in(&self.shifted_weight(&st, &st.active, 1.0, true)?)?;
+            let w = self.weight_out_in(&self.effective_weight(&st)?)?;
             let mut y = x2.matmul(&w.t()?)?;
             if let Some(b) = &st.bias {
                 y = y.broadcast_add(b)?;

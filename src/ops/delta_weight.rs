@@ -65,6 +65,30 @@ impl CustomOp1 for DeltaWeightFftGrad {
     }
 }
 
+/// `weight + ΔW` for an f32 `(d1, d2)` CPU weight, in one pass (no gradient).
+struct AddDeltaWeightFft {
+    entries: Arc<SpectralEntries>,
+    coeffs: Vec<f32>,
+    alpha: f64,
+}
+
+impl CustomOp1 for AddDeltaWeightFft {
+    fn name(&self) -> &'static str {
+        "fourierft-add-delta-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = f32_slice("weight", storage, layout)?;
+        let out = fft::add_delta_weight(&self.entries, &self.coeffs, self.alpha, w)
+            .map_err(Error::into_candle)?;
+        Ok((CpuStorage::F32(out), Shape::from(self.entries.shape())))
+    }
+}
+
 /// ΔW for one entry set, dispatched by device: the pruned real FFT op on CPU, the portable
 /// tensor-op path (with bases built once and shared) on CUDA and Metal.
 ///
@@ -116,6 +140,31 @@ impl DeltaWeight {
         } else {
             self.forward_portable(coeffs, alpha)
         }
+    }
+
+    /// `weight + ΔW` outside the autograd graph, for `weight` of shape `(d1, d2)`: one fused pass
+    /// for f32 weights on CPU; otherwise ΔW is added in f32 (f64 for f64 weights) and cast back to
+    /// the weight's dtype once.
+    pub fn add_to(&self, weight: &Tensor, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+        let shape = self.entries.shape();
+        if weight.dims() != [shape.0, shape.1] {
+            return Err(Error::Shape {
+                what: "weight to merge into".into(),
+                expected: format!("[{}, {}]", shape.0, shape.1),
+                found: dims_str(weight.dims()),
+            });
+        }
+        if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            let coeffs = coeffs.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let op = AddDeltaWeightFft {
+                entries: self.entries.clone(),
+                coeffs,
+                alpha,
+            };
+            return Ok(weight.detach().contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        let dw = self.forward(&coeffs.detach(), alpha)?;
+        crate::ops::add_to_frozen(&dw, weight)
     }
 
     /// ΔW through the portable tensor-op path, on whatever device `coeffs` lives (CPU included).

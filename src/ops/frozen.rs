@@ -115,7 +115,11 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// ```
 pub fn add_to_frozen(delta: &Tensor, frozen: &Tensor) -> Result<Tensor> {
     // f32 for f32/f16/bf16 weights; f64 weights keep their precision.
-    let acc = if frozen.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let acc = if frozen.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let sum = (frozen.detach().to_dtype(acc)? + delta.detach().to_dtype(acc)?)?
         .to_dtype(frozen.dtype())?;
     if !delta.track_op() {

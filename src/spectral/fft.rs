@@ -50,6 +50,41 @@ fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
 /// # Ok::<(), fourierft::Error>(())
 /// ```
 pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Result<Vec<f32>> {
+    delta_weight_onto(entries, coeffs, alpha, None)
+}
+
+/// `base + ΔW` (row-major `d1×d2`) in one pass: no separate ΔW buffer (the merge path).
+///
+/// ```
+/// use fourierft::{spectral::fft, SpectralEntries};
+/// let e = SpectralEntries::uniform(3, 4, 5, 7)?;
+/// let c = [1.0f32, -0.5, 0.25, 2.0, 0.0];
+/// let base: Vec<f32> = (0..12).map(|i| i as f32).collect();
+/// let merged = fft::add_delta_weight(&e, &c, 9.0, &base)?;
+/// let dw = fft::delta_weight(&e, &c, 9.0)?;
+/// assert!(merged.iter().zip(&base).zip(&dw).all(|((m, b), d)| (m - (b + d)).abs() < 1e-5));
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn add_delta_weight(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    base: &[f32],
+) -> Result<Vec<f32>> {
+    check_len(
+        "base weight (flattened)",
+        base.len(),
+        entries.d1() * entries.d2(),
+    )?;
+    delta_weight_onto(entries, coeffs, alpha, Some(base))
+}
+
+fn delta_weight_onto(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    base: Option<&[f32]>,
+) -> Result<Vec<f32>> {
     check_len("spectral coefficients", coeffs.len(), entries.len())?;
     let (d1, d2) = entries.shape();
     let groups = entries.column_groups();
@@ -72,11 +107,15 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
         });
     });
 
-    // Step 2: per row, Hermitian half-spectrum and one C2R of length d2.
+    // Step 2: per row, Hermitian half-spectrum and one C2R of length d2 — for the top rows only:
+    // ΔW is even, ΔW[d1−j, k] = ΔW[j, (d2−k) mod d2], so the bottom rows are mirrored copies.
+    let top = d1 / 2 + 1;
     let c2r = plans::real_inverse(d2);
-    let bl = block_rows(d1, half);
+    let bl = block_rows(top, half);
     let mut out = vec![0f32; d1 * d2];
-    out.par_chunks_mut(bl * d2)
+    let (out_top, out_bottom) = out.split_at_mut(top * d2);
+    out_top
+        .par_chunks_mut(bl * d2)
         .enumerate()
         .try_for_each(|(blk, out_blk)| {
             let j0 = blk * bl;
@@ -91,8 +130,7 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
                     }
                 }
                 let scratch = plans::sized(&mut b.scratch, c2r.get_scratch_len());
-                for (r, row_out) in out_blk.chunks_exact_mut(d2).enumerate() {
-                    let hr = &mut h[r * half..(r + 1) * half];
+                for (hr, row_out) in h.chunks_exact_mut(half).zip(out_blk.chunks_exact_mut(d2)) {
                     fix_real_bins(hr, d2);
                     c2r.process_with_scratch(hr, row_out, scratch)
                         .map_err(plans::fft_error)?;
@@ -100,6 +138,19 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
                 Ok::<(), Error>(())
             })
         })?;
+    let out_top = &*out_top;
+    out_bottom.par_chunks_mut(d2).enumerate().for_each(|(i, row)| {
+        let src = &out_top[(d1 - top - i) * d2..(d1 - top - i + 1) * d2];
+        row[0] = src[0];
+        for (o, s) in row[1..].iter_mut().zip(src[1..].iter().rev()) {
+            *o = *s;
+        }
+    });
+    if let Some(base) = base {
+        out.par_chunks_mut(d2).zip(base.par_chunks(d2)).for_each(|(o, b)| {
+            o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        });
+    }
     Ok(out)
 }
 
