@@ -139,17 +139,22 @@ fn delta_weight_onto(
             })
         })?;
     let out_top = &*out_top;
-    out_bottom.par_chunks_mut(d2).enumerate().for_each(|(i, row)| {
-        let src = &out_top[(d1 - top - i) * d2..(d1 - top - i + 1) * d2];
-        row[0] = src[0];
-        for (o, s) in row[1..].iter_mut().zip(src[1..].iter().rev()) {
-            *o = *s;
-        }
-    });
-    if let Some(base) = base {
-        out.par_chunks_mut(d2).zip(base.par_chunks(d2)).for_each(|(o, b)| {
-            o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+    out_bottom
+        .par_chunks_mut(d2)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let src = &out_top[(d1 - top - i) * d2..(d1 - top - i + 1) * d2];
+            row[0] = src[0];
+            for (o, s) in row[1..].iter_mut().zip(src[1..].iter().rev()) {
+                *o = *s;
+            }
         });
+    if let Some(base) = base {
+        out.par_chunks_mut(d2)
+            .zip(base.par_chunks(d2))
+            .for_each(|(o, b)| {
+                o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            });
     }
     Ok(out)
 }
@@ -172,20 +177,33 @@ pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) ->
     let half = d2 / 2 + 1;
     let s = phase::scale(alpha, d1, d2) as f32;
 
-    // Stage 1: per row block, Σ_k grad[j,k] e^{+2πi v k/d2} at the m columns, stored [m][rows].
+    // Stage 1: per block of the top rows, Σ_k g̃[j,k] e^{+2πi v k/d2} at the m columns, stored
+    // [m][rows]. The basis is even (cos θ(d1−j, k) = cos θ(j, (d2−k) mod d2)), so each bottom
+    // row is folded, mirrored, onto its top partner: g̃[j] = grad[j] + mirror(grad[d1−j]).
+    let top = d1 / 2 + 1;
     let r2c = plans::real_forward(d2);
-    let bl = block_rows(d1, half);
-    let blocks: Vec<Vec<Complex32>> = grad
-        .par_chunks(bl * d2)
-        .map(|g_blk| {
-            let nb = g_blk.len() / d2;
+    let bl = block_rows(top, half);
+    let starts: Vec<usize> = (0..top).step_by(bl).collect();
+    let blocks: Vec<Vec<Complex32>> = starts
+        .par_iter()
+        .map(|&j0| {
+            let nb = bl.min(top - j0);
             let mut t = vec![Complex32::default(); m * nb];
             plans::with_buffers(|b| {
                 let spec = plans::sized(&mut b.complex[0], half);
                 let input = plans::sized(&mut b.real[0], d2);
                 let scratch = plans::sized(&mut b.scratch, r2c.get_scratch_len());
-                for (r, row) in g_blk.chunks_exact(d2).enumerate() {
-                    input.copy_from_slice(row);
+                for r in 0..nb {
+                    let j = j0 + r;
+                    input.copy_from_slice(&grad[j * d2..(j + 1) * d2]);
+                    let partner = d1 - j;
+                    if j > 0 && partner > j {
+                        let mirror = &grad[partner * d2..(partner + 1) * d2];
+                        input[0] += mirror[0];
+                        for (x, y) in input[1..].iter_mut().zip(mirror[1..].iter().rev()) {
+                            *x += y;
+                        }
+                    }
                     r2c.process_with_scratch(input, spec, scratch)
                         .map_err(plans::fft_error)?;
                     for (g, &v) in groups.columns.iter().enumerate() {
@@ -206,6 +224,7 @@ pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) ->
         .map(|g| {
             plans::with_buffers(|b| {
                 let col = plans::sized(&mut b.complex[0], d1);
+                col[top..].fill(Complex32::default());
                 let mut j0 = 0;
                 for t in &blocks {
                     let nb = t.len() / m;
