@@ -65,10 +65,12 @@ impl<'a> MergedBackend<'a> {
     }
 
     /// Checks that every adapted weight and extra tensor of the adapter was requested: a name the
-    /// model never asked for means the adapter does not fit it (wrong prefix, wrong model).
+    /// model never asked for means the adapter does not fit it (wrong prefix, wrong model). Also
+    /// checks that no weight of a module the configuration targets was requested without the
+    /// adapter having its spectrum (it was served unmerged).
     ///
     /// # Errors
-    /// [`Error::Config`] listing the unused names.
+    /// [`Error::Config`] listing the unused names; [`Error::File`] naming the missing spectrum.
     pub fn check_all_used(&self) -> Result<()> {
         self.inner.check_all_used()
     }
@@ -85,6 +87,9 @@ pub(crate) struct AdapterBackend<'a> {
     /// Base tensor name → name of the adapter's extra tensor.
     extras: HashMap<String, String>,
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Weights of targeted modules without a spectrum that were served unmerged, with their
+    /// module paths.
+    unadapted: Arc<Mutex<BTreeSet<(String, String)>>>,
     /// A context id answered to [`CONTEXT_KEY`] requests.
     context: Option<u32>,
 }
@@ -112,6 +117,7 @@ impl<'a> AdapterBackend<'a> {
             merged,
             extras,
             used: Arc::default(),
+            unadapted: Arc::default(),
             context,
         }
     }
@@ -143,7 +149,7 @@ impl<'a> AdapterBackend<'a> {
     }
 
     pub(crate) fn check_all_used(&self) -> Result<()> {
-        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let used = lock(&self.used);
         let unused: BTreeSet<&String> = self
             .merged
             .keys()
@@ -151,7 +157,14 @@ impl<'a> AdapterBackend<'a> {
             .filter(|n| !used.contains(*n))
             .collect();
         if unused.is_empty() {
-            return Ok(());
+            let unadapted = lock(&self.unadapted);
+            return match (unadapted.iter().next(), &self.adapter) {
+                (Some((name, path)), Some(adapter)) => {
+                    let context = format!(" (weight {name:?} was loaded without it, unmerged)");
+                    Err(adapter.missing_spectrum(path, &context))
+                }
+                _ => Ok(()),
+            };
         }
         let source = self
             .adapter
@@ -166,10 +179,7 @@ impl<'a> AdapterBackend<'a> {
     }
 
     fn mark(&self, name: &str) {
-        self.used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_string());
+        lock(&self.used).insert(name.to_string());
     }
 
     /// `W0 + ΔW` for base weight `name` of module `path`, given W0.
@@ -196,6 +206,18 @@ impl<'a> AdapterBackend<'a> {
             _ => adapter.config().fan_in_fan_out,
         };
         adapter.merged_weight(path, w0, ffo, &format!("weight {name:?}"))
+    }
+
+    /// The module path of `name` if it is the weight of a module the configuration targets but
+    /// the adapter has no spectrum for (only for merged backends: a context adapts such layers
+    /// itself and reports a missing spectrum there). Such a weight is served unmerged and
+    /// reported by [`check_all_used`](Self::check_all_used).
+    fn unloaded_target<'n>(&self, adapter: &PeftAdapter, name: &'n str) -> Option<&'n str> {
+        if self.context.is_some() || self.merged.contains_key(name) {
+            return None;
+        }
+        let path = name.strip_prefix(&self.prefix)?.strip_suffix(".weight")?;
+        (adapter.matcher().is_target(path) && adapter.spectrum(path).is_none()).then_some(path)
     }
 
     /// Serves `name` from the adapter if it is adapted or replaced; `load_base` fetches the base
@@ -241,8 +263,16 @@ impl<'a> AdapterBackend<'a> {
             self.mark(name);
             return t.to_dtype(dtype)?.to_device(dev);
         }
-        load_base(dtype)?.to_device(dev)
+        let t = load_base(dtype)?.to_device(dev)?;
+        if let Some(path) = self.unloaded_target(adapter, name) {
+            lock(&self.unadapted).insert((name.to_string(), path.to_string()));
+        }
+        Ok(t)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether `name` (a full path) asks for the context id.

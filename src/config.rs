@@ -179,8 +179,14 @@ impl FourierFTConfig {
     /// assert_eq!(cfg.effective_scaling(4, 9), 2.0 * 6.0);
     /// ```
     pub fn effective_scaling(&self, d1: usize, d2: usize) -> f64 {
+        // Written out per norm rather than `scaling·size/divisor`, which is 0/0 for an empty
+        // layer (and rounds `scaling` for the default).
         let size = d1 as f64 * d2 as f64;
-        self.scaling * size / self.ifft2_norm.divisor(d1, d2)
+        match self.ifft2_norm {
+            Ifft2Norm::Backward => self.scaling,
+            Ifft2Norm::Ortho => self.scaling * size.sqrt(),
+            Ifft2Norm::Forward => self.scaling * size,
+        }
     }
 }
 
@@ -195,6 +201,28 @@ pub enum ModuleSelector {
     Names(Vec<String>),
     /// A module matches if the regex matches its whole path.
     Regex(String),
+}
+
+/// `target_modules` (or another selector) for error messages: the selector, or `unset`.
+pub(crate) fn shown_selector(sel: Option<&ModuleSelector>) -> String {
+    sel.map_or_else(|| "unset".to_string(), ToString::to_string)
+}
+
+/// As in error messages: `["q", "v"]` for names, `regex "..."` for a regex.
+///
+/// ```
+/// use fourierft::config::ModuleSelector;
+/// let names = ModuleSelector::Names(vec!["q".into(), "v".into()]);
+/// assert_eq!(names.to_string(), r#"["q", "v"]"#);
+/// assert_eq!(ModuleSelector::Regex(r"h\.\d+".into()).to_string(), r#"regex "h\\.\\d+""#);
+/// ```
+impl std::fmt::Display for ModuleSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSelector::Names(names) => write!(f, "{names:?}"),
+            ModuleSelector::Regex(r) => write!(f, "regex {r:?}"),
+        }
+    }
 }
 
 /// PEFT's `bias` setting: which biases are trained and saved with the adapter.

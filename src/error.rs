@@ -5,7 +5,20 @@ use std::path::PathBuf;
 /// Everything that can go wrong in `fourierft`.
 ///
 /// Every variant names the layer, tensor or file involved and, for shape problems, what was
-/// expected and what was found, so a message is actionable on its own.
+/// expected and what was found, so a message is actionable on its own; messages are one line.
+/// Bad files and bad values are errors, never panics (the loaders are fuzzed).
+///
+/// ```
+/// use fourierft::{peft::PeftAdapter, Error};
+/// let config = r#"{"peft_type": "FOURIERFT", "n_frequency": -3, "target_modules": ["fc1"]}"#;
+/// match PeftAdapter::from_bytes(config, b"") {
+///     Err(Error::File { path, message }) => {
+///         assert_eq!(path.to_str(), Some("<adapter_config.json>"));
+///         assert!(message.starts_with("invalid adapter config: key \"n_frequency\": invalid value"));
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The number of spectral entries is impossible for the layer shape.

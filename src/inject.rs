@@ -50,7 +50,7 @@
 //! ```
 
 use crate::backend::{AdapterBackend, CONTEXT_KEY};
-use crate::config::{Bias, FourierFTConfig};
+use crate::config::{shown_selector, Bias, FourierFTConfig};
 use crate::error::{Error, Result};
 use crate::layer::{FourierLinear, DEFAULT_ADAPTER};
 use crate::peft::{ModuleMatcher, PeftAdapter, KEY_PREFIX, SPECTRUM_SUFFIX};
@@ -243,16 +243,9 @@ impl AdapterContext {
             .layer_config(path, d1, d2, fan_in_fan_out);
         match &self.inner.loaded {
             Some(adapter) => {
-                let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
-                let spectrum = adapter.spectrum(path).ok_or_else(|| Error::File {
-                    path: adapter
-                        .source()
-                        .unwrap_or(Path::new("adapter"))
-                        .to_path_buf(),
-                    message: format!(
-                        "missing tensor {key:?}: the adapter configuration targets module {path:?}"
-                    ),
-                })?;
+                let spectrum = adapter
+                    .spectrum(path)
+                    .ok_or_else(|| adapter.missing_spectrum(path, ""))?;
                 config.init_weights = true;
                 layer.add_adapter(name, &config)?;
                 layer.set_spectrum(name, spectrum)?;
@@ -273,15 +266,7 @@ impl AdapterContext {
     pub fn check(&self) -> Result<()> {
         let layers = lock(&self.inner.layers);
         if layers.is_empty() {
-            let built = lock(&self.inner.built);
-            let shown: Vec<&String> = built.iter().take(8).collect();
-            return Err(Error::Config(format!(
-                "target_modules {:?} matched none of the {} linear layers built through \
-                 fourierft::inject (e.g. {shown:?}); did the model use inject::linear with the \
-                 context's VarBuilder?",
-                self.config().target_modules,
-                built.len()
-            )));
+            return Err(self.nothing_matched());
         }
         let Some(adapter) = &self.inner.loaded else {
             return Ok(());
@@ -311,6 +296,28 @@ impl AdapterContext {
         Ok(())
     }
 
+    /// The [`Error::Config`] for a configuration that matched no layer built so far.
+    fn nothing_matched(&self) -> Error {
+        let built = lock(&self.inner.built);
+        let shown: Vec<&String> = built.iter().take(8).collect();
+        Error::Config(format!(
+            "target_modules {} matched none of the {} linear layers built through \
+             fourierft::inject (e.g. {shown:?}); did the model use inject::linear with the \
+             context's VarBuilder?",
+            shown_selector(self.config().target_modules.as_ref()),
+            built.len()
+        ))
+    }
+
+    /// The adapted layers, or the error of [`check`](Self::check) when there is none.
+    fn matched_layers(&self) -> Result<Vec<FourierLinear>> {
+        let layers = self.layers();
+        if layers.is_empty() {
+            return Err(self.nothing_matched());
+        }
+        Ok(layers)
+    }
+
     /// Paths of the adapted layers, sorted.
     pub fn layer_paths(&self) -> Vec<String> {
         lock(&self.inner.layers).keys().cloned().collect()
@@ -326,7 +333,8 @@ impl AdapterContext {
         lock(&self.inner.layers).values().cloned().collect()
     }
 
-    /// The spectra of every adapted layer: the parameters to give the optimizer.
+    /// The spectra of every adapted layer: the parameters to give the optimizer. Empty when the
+    /// configuration matched no layer, which [`check`](Self::check) reports as an error.
     pub fn trainable_vars(&self) -> Vec<Var> {
         self.spectra_by_path().into_iter().map(|(_, v)| v).collect()
     }
@@ -344,7 +352,12 @@ impl AdapterContext {
             .collect()
     }
 
-    /// Merges the adapter into every layer's weight ([`FourierLinear::merge`]).
+    /// Merges the adapter into every layer's weight ([`FourierLinear::merge`]). Non-finite
+    /// results are not checked: NaN or infinite coefficients make NaN or infinite weights, which
+    /// [`unmerge`](Self::unmerge) cannot undo; use [`safe_merge`](Self::safe_merge) to refuse them.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the configuration matched no layer (as [`check`](Self::check)).
     pub fn merge(&self) -> Result<()> {
         self.merge_all(false)
     }
@@ -356,7 +369,7 @@ impl AdapterContext {
     }
 
     fn merge_all(&self, safe: bool) -> Result<()> {
-        let layers = self.layers();
+        let layers = self.matched_layers()?;
         for (i, layer) in layers.iter().enumerate() {
             if layer.is_merged() {
                 continue;
@@ -383,7 +396,11 @@ impl AdapterContext {
 
     /// The adapter as it is now: the configuration, each layer's current spectrum and the loaded
     /// extra tensors (plus, with `bias != "none"`, the adapted layers' biases).
+    ///
+    /// # Errors
+    /// [`Error::Config`] if the configuration matched no layer (as [`check`](Self::check)).
     pub fn to_adapter(&self) -> Result<PeftAdapter> {
+        self.matched_layers()?;
         let spectra: BTreeMap<String, Tensor> = self
             .spectra_by_path()
             .into_iter()
@@ -405,6 +422,10 @@ impl AdapterContext {
 
     /// Saves the adapter as a PEFT directory under `root` (adapter `"default"` in `root`, others
     /// in `root/<name>`), loadable by `PeftModel.from_pretrained`. Returns the directory written.
+    ///
+    /// # Errors
+    /// Those of [`to_adapter`](Self::to_adapter) and [`PeftAdapter::save`]; nothing is written
+    /// when the configuration matched no layer.
     pub fn save_pretrained(&self, root: impl AsRef<Path>) -> Result<PathBuf> {
         self.to_adapter()?.save(root, &self.inner.name)
     }

@@ -477,7 +477,8 @@ impl FourierLinear {
         self.write().mode = mode;
     }
 
-    /// Checks `x` is `(..., in_features)` with at least 2 dims; returns the number of tokens.
+    /// Checks `x` is `(..., in_features)` with at least 2 dims, in the weight's dtype; returns the
+    /// number of tokens.
     fn check_input(&self, x: &Tensor) -> Result<usize> {
         let dims = x.dims();
         if dims.len() < 2 || dims[dims.len() - 1] != self.in_features {
@@ -485,6 +486,14 @@ impl FourierLinear {
                 what: format!("input of {}", self.name),
                 expected: format!("(batch, [seq,] {})", self.in_features),
                 found: dims_str(dims),
+            });
+        }
+        let dtype = self.read().weight.dtype();
+        if x.dtype() != dtype {
+            return Err(Error::DType {
+                what: format!("input of {}", self.name),
+                expected: format!("{dtype:?} (the dtype of its weight)"),
+                found: x.dtype(),
             });
         }
         Ok(dims[..dims.len() - 1].iter().product())

@@ -46,6 +46,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Errors and untrusted input
+//!
+//! Every fallible call returns [`Error`], whose variants name the layer, tensor or file at fault
+//! (see its docs). Adapter files and checkpoints are untrusted input: [`PeftAdapter::load`] /
+//! [`PeftAdapter::from_bytes`] and [`peft::merge_safetensors`] /
+//! [`peft::merge_safetensors_bytes`] check every header, dtype, shape and value before using it
+//! and are fuzzed (`fuzz/`); outputs are written to a temporary file and renamed, so a failure
+//! leaves nothing half-written.
+//!
 //! # Cargo features
 //!
 //! `cuda`, `metal`, `mkl`, `accelerate` forward to candle; `cli` builds the `fourierft` binary
@@ -53,6 +62,7 @@
 //!
 //! [candle]: https://github.com/huggingface/candle
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod backend;
 pub mod config;

@@ -495,3 +495,44 @@ fn bad_command_lines_exit_2_on_one_line() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("merge"));
 }
+
+#[test]
+fn inspect_rejects_forged_base_headers_without_allocating() -> anyhow::Result<()> {
+    let s = Scratch::new()?;
+    let inspect = |base: &str| run(&["inspect", &s.s("adapter"), "--base", &s.s(base)]);
+    // A header length far beyond the file (inspect reads only the header).
+    let mut huge = (1u64 << 40).to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    std::fs::write(s.path("huge.safetensors"), &huge)?;
+    assert_fails(
+        &inspect("huge.safetensors"),
+        &[
+            "huge.safetensors",
+            "not a valid safetensors file: header of 1099511627776 bytes in a file of 10 bytes",
+        ],
+    );
+    // Shapes whose byte size disagrees with the data, and a header with data it does not
+    // describe: rejected as safetensors itself does, before any shape is used.
+    let header = r#"{"h.0.c_fc.weight":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#;
+    let mut forged = (header.len() as u64).to_le_bytes().to_vec();
+    forged.extend_from_slice(header.as_bytes());
+    forged.extend_from_slice(&[0; 4]);
+    std::fs::write(s.path("forged.safetensors"), &forged)?;
+    assert_fails(
+        &inspect("forged.safetensors"),
+        &["forged.safetensors", "not a valid safetensors file"],
+    );
+    let header = r#"{"h.0.c_fc.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut extra = (header.len() as u64).to_le_bytes().to_vec();
+    extra.extend_from_slice(header.as_bytes());
+    extra.extend_from_slice(&[0; 12]);
+    std::fs::write(s.path("extra.safetensors"), &extra)?;
+    assert_fails(
+        &inspect("extra.safetensors"),
+        &[
+            "extra.safetensors",
+            "the header describes 4 bytes of tensor data, the file holds 12",
+        ],
+    );
+    Ok(())
+}

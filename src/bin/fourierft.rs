@@ -13,6 +13,7 @@ use fourierft::peft::{
     SPECTRUM_SUFFIX, WEIGHTS_FILE,
 };
 use fourierft::{Error, Result};
+use safetensors::tensor::Metadata;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -252,11 +253,13 @@ fn layer_shape(
         });
     let ffo = resolve_fan_in_fan_out(adapter.config().fan_in_fan_out, (a, b), bias);
     let (d1, d2) = if ffo { (b, a) } else { (a, b) };
-    if n > d1 * d2 {
+    // The shapes come from an unvalidated header: d1·d2 may not fit in a usize.
+    let max = d1.saturating_mul(d2);
+    if n > max {
         return Err(Error::EntryCount {
             context: format!("{path} (tensor {name:?} of {})", base.display()),
             n,
-            max: d1 * d2,
+            max,
             d1,
             d2,
         });
@@ -265,7 +268,8 @@ fn layer_shape(
     Ok(format!("(d1, d2) = ({d1}, {d2}), weight stored {layout}"))
 }
 
-/// The tensor shapes of a safetensors file, from its header only.
+/// The tensor shapes of a safetensors file, from its header only (validated as safetensors does:
+/// offsets contiguous, each shape's byte size equal to its data, the data filling the file).
 fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -276,27 +280,32 @@ fn read_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
         message: format!("not a valid safetensors file: {m}"),
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
     let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(bad(format!("header of {len} bytes")));
+    // Allocate only what the file can hold (and within safetensors' own limit).
+    if len > 100_000_000 || len > size.saturating_sub(8) {
+        return Err(bad(format!(
+            "header of {len} bytes in a file of {size} bytes"
+        )));
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
         .map_err(|e| bad(e.to_string()))?;
-    let header: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
-    let mut shapes = HashMap::new();
-    for (name, info) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let shape: Vec<usize> = serde_json::from_value(info["shape"].clone())
-            .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
-        shapes.insert(name, shape);
+    let meta: Metadata = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let data = size - 8 - len;
+    if meta.data_len() as u64 != data {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensor data, the file holds {data}",
+            meta.data_len()
+        )));
     }
-    Ok(shapes)
+    Ok(meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.shape.clone()))
+        .collect())
 }
 
 /// Compact JSON of a configuration value, without the quotes of a plain string.

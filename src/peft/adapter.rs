@@ -2,7 +2,7 @@
 
 use super::io::{self, file_error, OutTensor};
 use super::target::ModuleMatcher;
-use crate::config::{FourierFTConfig, PEFT_TYPE};
+use crate::config::{shown_selector, FourierFTConfig, PEFT_TYPE};
 use crate::entries::EntrySampling;
 use crate::error::{dims_str, Error, Result};
 use crate::layer::DEFAULT_ADAPTER;
@@ -21,6 +21,11 @@ pub const SPECTRUM_SUFFIX: &str = ".fourierft_spectrum";
 /// The PEFT version whose format this crate writes, recorded as `peft_version` when the
 /// configuration has none.
 pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+
+/// How errors name the configuration given to [`PeftAdapter::from_bytes`].
+const MEMORY_CONFIG: &str = "<adapter_config.json>";
+/// How errors name the tensors given to [`PeftAdapter::from_bytes`].
+const MEMORY_WEIGHTS: &str = "<adapter_model.safetensors>";
 
 /// A FourierFT adapter as PEFT stores it: the configuration and, per adapted module, its
 /// spectrum (`[n]` coefficients), plus the other tensors PEFT may save with it (trained biases
@@ -76,15 +81,20 @@ impl PeftAdapter {
     /// `classifier.weight`, `fc1.bias`) to tensors that replace the base model's.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration; [`Error::Shape`], [`Error::DType`],
-    /// [`Error::Config`] for a spectrum that is not a finite float `[n]` tensor for a targeted
-    /// module.
+    /// [`Error::Config`] for an invalid configuration or no spectrum at all; [`Error::Shape`],
+    /// [`Error::DType`], [`Error::Config`] for a spectrum that is not a finite F32/F16/BF16/F64
+    /// `[n]` tensor for a targeted module.
     pub fn new(
         config: FourierFTConfig,
         spectra: BTreeMap<String, Tensor>,
         extra: BTreeMap<String, Tensor>,
     ) -> Result<Self> {
         let matcher = ModuleMatcher::new(&config)?;
+        if spectra.is_empty() {
+            return Err(Error::Config(
+                "an adapter needs at least one spectrum (no module was adapted)".into(),
+            ));
+        }
         let spectra = spectra
             .into_iter()
             .map(|(path, t)| {
@@ -113,35 +123,74 @@ impl PeftAdapter {
     /// become extra tensors named as in the base model (`.base_layer.` and `.modules_to_save.`
     /// dropped from the name; PEFT's `.original_module.` copies skipped).
     ///
+    /// Spectra may be stored as F32, F16, BF16 or F64 (PEFT loads any of them into its f32
+    /// parameter); they are converted to f32.
+    ///
     /// # Errors
-    /// A typed error naming the file and tensor for: a missing file ([`Error::Io`]); invalid JSON,
-    /// a `peft_type` other than `"FOURIERFT"`, corrupt safetensors, a tensor name without the
+    /// A typed error naming the file and tensor for: a missing file ([`Error::Io`]); invalid JSON
+    /// or a value of the wrong type (naming the key), an invalid configuration, a `peft_type`
+    /// other than `"FOURIERFT"`, corrupt or truncated safetensors, a tensor name without the
     /// `base_model.model.` prefix, a spectrum for a module the configuration does not target,
     /// non-finite values, no spectrum at all ([`Error::File`]); a spectrum whose shape is not
-    /// `[n]` ([`Error::Shape`]).
+    /// `[n]` ([`Error::Shape`]) or whose dtype is not a float one ([`Error::DType`]).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
         let text = io::read(&config_path)?;
-        let config: FourierFTConfig = serde_json::from_slice(&text)
-            .map_err(|e| file_error(&config_path, format!("invalid adapter config: {e}")))?;
-        if config.peft_type != PEFT_TYPE {
-            return Err(file_error(
-                &config_path,
-                format!(
-                    "peft_type is {:?}, expected {PEFT_TYPE:?}: not a FourierFT adapter",
-                    config.peft_type
-                ),
-            ));
-        }
+        let path = dir.join(WEIGHTS_FILE);
+        let bytes = io::read(&path)?;
+        Self::parse(&text, &config_path, &bytes, &path, Some(path.clone()))
+    }
+
+    /// Parses an adapter from the contents of its two files: `config_json` as in
+    /// [`CONFIG_FILE`] and `safetensors` as in [`WEIGHTS_FILE`], with exactly the rules and
+    /// errors of [`load`](Self::load) (which reads the files and calls this). Error messages name
+    /// `<adapter_config.json>` and `<adapter_model.safetensors>` as the files; nothing is read from
+    /// or written to disk.
+    ///
+    /// ```
+    /// use fourierft::peft::PeftAdapter;
+    /// let config = r#"{"peft_type": "FOURIERFT", "n_frequency": 2, "target_modules": ["fc1"]}"#;
+    /// let header = br#"{"base_model.model.fc1.fourierft_spectrum":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    /// let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    /// st.extend_from_slice(header);
+    /// st.extend([1f32, -2.0].iter().flat_map(|x| x.to_le_bytes()));
+    /// let adapter = PeftAdapter::from_bytes(config, &st)?;
+    /// assert_eq!(adapter.spectrum("fc1").unwrap().to_vec1::<f32>()?, vec![1.0, -2.0]);
+    ///
+    /// let err = PeftAdapter::from_bytes(config, &st[..st.len() - 1]).unwrap_err();
+    /// assert!(err.to_string().starts_with("<adapter_model.safetensors>: not a valid safetensors file"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Those of [`load`](Self::load), except [`Error::Io`].
+    pub fn from_bytes(config_json: impl AsRef<[u8]>, safetensors: &[u8]) -> Result<Self> {
+        Self::parse(
+            config_json.as_ref(),
+            Path::new(MEMORY_CONFIG),
+            safetensors,
+            Path::new(MEMORY_WEIGHTS),
+            None,
+        )
+    }
+
+    /// The shared body of [`load`](Self::load) and [`from_bytes`](Self::from_bytes); the paths
+    /// only label errors.
+    fn parse(
+        text: &[u8],
+        config_path: &Path,
+        bytes: &[u8],
+        path: &Path,
+        source: Option<PathBuf>,
+    ) -> Result<Self> {
+        let config = parse_config(config_path, text)?;
         let matcher = ModuleMatcher::new(&config).map_err(|e| match e {
-            Error::Config(m) => file_error(&config_path, m),
+            Error::Config(m) => file_error(config_path, m),
             other => other,
         })?;
 
-        let path = dir.join(WEIGHTS_FILE);
-        let bytes = io::read(&path)?;
-        let st = io::parse_safetensors(&path, &bytes)?;
+        let st = io::parse_safetensors(path, bytes)?;
         let mut spectra = BTreeMap::new();
         let mut extra = BTreeMap::new();
         let mut names: Vec<&str> = st.iter().map(|(name, _)| name).collect();
@@ -150,24 +199,32 @@ impl PeftAdapter {
         for name in names {
             let view = st
                 .tensor(name)
-                .map_err(|e| file_error(&path, format!("tensor {name:?}: {e}")))?;
+                .map_err(|e| file_error(path, format!("tensor {name:?}: {e}")))?;
             let rest = name.strip_prefix(KEY_PREFIX).ok_or_else(|| {
                 file_error(
-                    &path,
+                    path,
                     format!("unexpected tensor {name:?}: names must start with {KEY_PREFIX:?}"),
                 )
             })?;
             if let Some(module) = rest.strip_suffix(SPECTRUM_SUFFIX) {
-                let t = io::load_view(&path, name, &view)?;
+                // Check the declared dtype and shape before converting any data.
                 let what = format!(" in {}", path.display());
+                let key = format!("{KEY_PREFIX}{module}{SPECTRUM_SUFFIX}{what}");
+                check_target(&matcher, module).map_err(|e| match e {
+                    Error::Config(m) => file_error(path, m),
+                    other => other,
+                })?;
+                let dtype = io::candle_dtype(path, name, view.dtype())?;
+                check_spectrum_layout(&matcher, module, &key, dtype, view.shape())?;
+                let t = io::load_view(path, name, &view)?;
                 let t = check_spectrum(&matcher, module, &t, &what).map_err(|e| match e {
-                    Error::Config(m) => file_error(&path, m),
+                    Error::Config(m) => file_error(path, m),
                     other => other,
                 })?;
                 spectra.insert(module.to_string(), t);
             } else if rest.contains("fourierft_") {
                 return Err(file_error(
-                    &path,
+                    path,
                     format!(
                         "unexpected tensor {name:?}: FourierFT tensors must be named \
                          {KEY_PREFIX}<module>{SPECTRUM_SUFFIX}"
@@ -180,10 +237,10 @@ impl PeftAdapter {
                 if extra.contains_key(&base_name) {
                     continue;
                 }
-                let t = io::load_view(&path, name, &view)?;
-                if let Some((i, x)) = io::first_non_finite(&t)? {
+                let t = io::load_view(path, name, &view)?;
+                if let Some((i, x)) = io::first_non_finite(path, name, &t)? {
                     return Err(file_error(
-                        &path,
+                        path,
                         format!("tensor {name:?} has a non-finite value ({x}) at flat index {i}"),
                     ));
                 }
@@ -192,7 +249,7 @@ impl PeftAdapter {
         }
         if spectra.is_empty() {
             return Err(file_error(
-                &path,
+                path,
                 format!("no {KEY_PREFIX}<module>{SPECTRUM_SUFFIX} tensor: not a FourierFT adapter"),
             ));
         }
@@ -200,7 +257,7 @@ impl PeftAdapter {
             matcher,
             spectra,
             extra,
-            source: Some(path),
+            source,
         })
     }
 
@@ -211,7 +268,8 @@ impl PeftAdapter {
     /// and the extra tensors (a bias of an adapted module as `<path>.base_layer.bias`), with
     /// metadata `{"format": "pt"}`; [`CONFIG_FILE`] holds the configuration with sorted keys, as
     /// PEFT writes it, with `inference_mode: true` and `peft_version` defaulting to
-    /// [`PEFT_FORMAT_VERSION`]. Each file is written to a temporary file and renamed.
+    /// [`PEFT_FORMAT_VERSION`]. Both files are written to temporary files first and then renamed
+    /// into place, so a failed save changes neither.
     ///
     /// # Errors
     /// [`Error::Config`] if the configuration's `entry_sampling` is not PEFT's uniform sampling
@@ -243,7 +301,8 @@ impl PeftAdapter {
             };
             tensors.push((key, OutTensor::owned(t)?));
         }
-        io::write_safetensors(&dir.join(WEIGHTS_FILE), tensors, HashMap::new())?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let weights = io::safetensors_bytes(&weights_path, tensors, HashMap::new())?;
 
         let mut config = self.config().clone();
         config.inference_mode = true;
@@ -256,7 +315,11 @@ impl PeftAdapter {
         let text = serde_json::to_string_pretty(&json).map_err(|e| {
             Error::Config(format!("cannot serialise the adapter configuration: {e}"))
         })?;
-        io::write_bytes(&dir.join(CONFIG_FILE), text.as_bytes())?;
+        // Both files are written before either replaces an existing one.
+        io::write_files(&[
+            (weights_path, &weights),
+            (dir.join(CONFIG_FILE), text.as_bytes()),
+        ])?;
         Ok(dir)
     }
 
@@ -291,6 +354,27 @@ impl PeftAdapter {
         self.source.as_deref()
     }
 
+    /// The adapter's weights file for error messages: its path, or how
+    /// [`from_bytes`](Self::from_bytes) names it.
+    pub(crate) fn weights_label(&self) -> PathBuf {
+        self.source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(MEMORY_WEIGHTS))
+    }
+
+    /// The [`Error::File`] for a module the configuration targets but the adapter has no
+    /// spectrum for (PEFT would silently keep a random initialisation there); `context` says
+    /// where the module was found.
+    pub(crate) fn missing_spectrum(&self, path: &str, context: &str) -> Error {
+        file_error(
+            &self.weights_label(),
+            format!(
+                "missing tensor \"{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}\": the adapter configuration \
+                 targets module {path:?}{context}"
+            ),
+        )
+    }
+
     /// Describes tensor `key` of this adapter for error messages.
     pub(crate) fn describe(&self, key: &str) -> String {
         match &self.source {
@@ -305,35 +389,136 @@ impl PeftAdapter {
     }
 }
 
-/// Checks a spectrum for module `path` and returns it as f32 on the CPU.
-fn check_spectrum(matcher: &ModuleMatcher, path: &str, t: &Tensor, what: &str) -> Result<Tensor> {
-    let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+/// Parses the text of an adapter configuration and checks its `peft_type`; errors name
+/// `config_path` and, for a bad value, its key.
+fn parse_config(config_path: &Path, text: &[u8]) -> Result<FourierFTConfig> {
+    let config: FourierFTConfig = serde_json::from_slice(text).map_err(|e| {
+        let culprit = culprit_key(text, &e).map_or(String::new(), |k| format!("key {k:?}: "));
+        file_error(config_path, format!("invalid adapter config: {culprit}{e}"))
+    })?;
+    // serde also reads a struct from a JSON array; PEFT's file is an object.
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(text) else {
+        return Err(file_error(
+            config_path,
+            "invalid adapter config: expected a JSON object",
+        ));
+    };
+    // PEFT dispatches on `peft_type`, so a file without it is no adapter of any kind.
+    if !map.contains_key("peft_type") {
+        return Err(file_error(
+            config_path,
+            format!("peft_type is missing, expected {PEFT_TYPE:?}: not a PEFT adapter config"),
+        ));
+    }
+    if config.peft_type != PEFT_TYPE {
+        return Err(file_error(
+            config_path,
+            format!(
+                "peft_type is {:?}, expected {PEFT_TYPE:?}: not a FourierFT adapter",
+                config.peft_type
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// The top-level key in whose value serde_json's error `e` occurred (serde's messages give a
+/// position but not the field), found by scanning `text` up to the error's position. `None` for
+/// an error at the end of the text (truncation) or outside any key's value.
+fn culprit_key(text: &[u8], e: &serde_json::Error) -> Option<String> {
+    if e.classify() == serde_json::error::Category::Eof || e.line() == 0 {
+        return None;
+    }
+    // serde_json counts lines from 1 and bytes of the line from 1.
+    let line_start = if e.line() == 1 {
+        0
+    } else {
+        let mut newlines = text.iter().enumerate().filter(|(_, &b)| b == b'\n');
+        newlines.nth(e.line() - 2)?.0 + 1
+    };
+    let end = (line_start + e.column()).min(text.len());
+    let (mut depth, mut key) = (0usize, None);
+    let (mut string_start, mut last_string) = (None, None);
+    let mut escaped = false;
+    for (i, &b) in text[..end].iter().enumerate() {
+        if let Some(start) = string_start {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    string_start = None;
+                    last_string = (depth == 1).then_some((start, i + 1));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => string_start = Some(i),
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b':' if depth == 1 => key = last_string.take(),
+            b if b.is_ascii_whitespace() => {}
+            _ => last_string = None,
+        }
+    }
+    let (start, stop) = key?;
+    serde_json::from_slice::<String>(&text[start..stop]).ok()
+}
+
+/// The dtypes a spectrum may be stored in (PEFT loads any of them into its f32 parameter).
+const SPECTRUM_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+
+/// [`Error::Config`] unless the configuration targets module `path`.
+fn check_target(matcher: &ModuleMatcher, path: &str) -> Result<()> {
     if !matcher.is_target(path) {
+        let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
         return Err(Error::Config(format!(
             "unmatched key {key:?}: module {path:?} is not targeted by the adapter configuration \
-             (target_modules {:?})",
-            matcher.config().target_modules
+             (target_modules {})",
+            shown_selector(matcher.config().target_modules.as_ref())
         )));
     }
-    if !t.dtype().is_float() {
+    Ok(())
+}
+
+/// Checks a spectrum's dtype (one of [`SPECTRUM_DTYPES`]) and shape (`[n]` with `n` from the
+/// configuration for module `path`) before any data is converted; `key` names it.
+fn check_spectrum_layout(
+    matcher: &ModuleMatcher,
+    path: &str,
+    key: &str,
+    dtype: DType,
+    dims: &[usize],
+) -> Result<()> {
+    if !SPECTRUM_DTYPES.contains(&dtype) {
         return Err(Error::DType {
-            what: format!("{key}{what}"),
-            expected: "a float dtype".into(),
-            found: t.dtype(),
+            what: key.to_string(),
+            expected: "F32, F16, BF16 or F64".into(),
+            found: dtype,
         });
     }
     let n = matcher.n_frequency(path);
-    if t.dims() != [n] {
+    if dims != [n] {
         return Err(Error::Shape {
-            what: format!("{key}{what}"),
+            what: key.to_string(),
             expected: format!("[{n}] (n_frequency of {path:?} per the adapter configuration)"),
-            found: dims_str(t.dims()),
+            found: dims_str(dims),
         });
     }
+    Ok(())
+}
+
+/// Checks a spectrum for module `path` and returns it as f32 on the CPU.
+fn check_spectrum(matcher: &ModuleMatcher, path: &str, t: &Tensor, what: &str) -> Result<Tensor> {
+    let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}{what}");
+    check_target(matcher, path)?;
+    check_spectrum_layout(matcher, path, &key, t.dtype(), t.dims())?;
     let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    if let Some((i, x)) = io::first_non_finite(&t)? {
+    let v = t.to_vec1::<f32>()?;
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
         return Err(Error::Config(format!(
-            "{key}{what} has a non-finite value ({x}) at index {i}"
+            "{key} has a non-finite value ({x}) at index {i}"
         )));
     }
     Ok(t)

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::safetensors::Load;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::{SafeTensors, View};
 use std::borrow::Cow;
@@ -39,8 +39,37 @@ pub(crate) fn metadata(path: &Path, bytes: &[u8]) -> Result<HashMap<String, Stri
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
+/// The candle dtype of safetensors dtype `dtype` of tensor `name`, or an [`Error::File`] naming
+/// both when candle has none.
+pub(crate) fn candle_dtype(path: &Path, name: &str, dtype: Dtype) -> Result<DType> {
+    DType::try_from(dtype).map_err(|_| {
+        file_error(
+            path,
+            format!("tensor {name:?} has dtype {dtype:?}, which candle cannot load"),
+        )
+    })
+}
+
+/// Whether candle can convert `dtype` to and from f32 (the dtypes a weight may have).
+pub(crate) fn is_numeric(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::U8
+            | DType::U32
+            | DType::I16
+            | DType::I32
+            | DType::I64
+            | DType::BF16
+            | DType::F16
+            | DType::F32
+            | DType::F64
+            | DType::F8E4M3
+    )
+}
+
 /// Loads tensor `name` of `path` onto the CPU, keeping its dtype.
 pub(crate) fn load_view(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor> {
+    candle_dtype(path, name, view.dtype())?;
     view.load(&Device::Cpu).map_err(|e| {
         file_error(
             path,
@@ -49,12 +78,27 @@ pub(crate) fn load_view(path: &Path, name: &str, view: &TensorView<'_>) -> Resul
     })
 }
 
-/// Index and value of the first NaN or infinite value of `t`, if any.
-pub(crate) fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f32)>> {
-    let v = t
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1::<f32>()?;
+/// Index and value of the first NaN or infinite value of tensor `name` of `path`, if any
+/// (never for integer dtypes); an [`Error::File`] naming the tensor if its dtype has no
+/// conversion to f32 (the micro-scaling formats candle loads as raw bytes).
+pub(crate) fn first_non_finite(
+    path: &Path,
+    name: &str,
+    t: &Tensor,
+) -> Result<Option<(usize, f32)>> {
+    if !is_numeric(t.dtype()) {
+        return Err(file_error(
+            path,
+            format!(
+                "tensor {name:?} has dtype {:?}, which cannot be converted",
+                t.dtype()
+            ),
+        ));
+    }
+    if !t.dtype().is_float() {
+        return Ok(None);
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     Ok(v.into_iter().enumerate().find(|(_, x)| !x.is_finite()))
 }
 
@@ -129,19 +173,53 @@ pub(crate) fn write_safetensors<'a>(
     })
 }
 
-/// Writes `bytes` to `path` atomically.
-pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic_write(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|source| Error::Io {
-            path: tmp.to_path_buf(),
-            source,
-        })
-    })
+/// `tensors` as safetensors bytes, with `metadata` plus `"format": "pt"` when it has no `format`.
+pub(crate) fn safetensors_bytes<'a>(
+    label: &Path,
+    tensors: Vec<(String, OutTensor<'a>)>,
+    mut metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    metadata
+        .entry("format".into())
+        .or_insert_with(|| "pt".into());
+    safetensors::serialize(tensors, Some(metadata))
+        .map_err(|e| file_error(label, format!("cannot write safetensors: {e}")))
 }
 
-/// Runs `write` on a fresh temporary file next to `path`, then renames it to `path`; on any
-/// failure the temporary file is removed and `path` is left as it was.
-pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Writes several files as one step: each to a fresh temporary file next to it, then, once all
+/// are written, renames them into place in order. If any write fails, every temporary file is
+/// removed and no file is changed; a failing rename (rare: the files were written) removes the
+/// temporaries not yet renamed.
+pub(crate) fn write_files(files: &[(PathBuf, &[u8])]) -> Result<()> {
+    let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
+    let cleanup = |temps: &[PathBuf]| {
+        for t in temps {
+            // Best effort: the temporary may not exist if its write failed early.
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    for (path, bytes) in files {
+        let tmp = temp_path(path)?;
+        temps.push(tmp.clone());
+        if let Err(source) = std::fs::write(&tmp, bytes) {
+            cleanup(&temps);
+            return Err(Error::Io { path: tmp, source });
+        }
+    }
+    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
+        if let Err(source) = std::fs::rename(tmp, path) {
+            cleanup(&temps[i..]);
+            return Err(Error::Io {
+                path: path.clone(),
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A fresh temporary file name next to `path`.
+fn temp_path(path: &Path) -> Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
@@ -152,7 +230,13 @@ pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>)
         _ => PathBuf::from("."),
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    Ok(dir.join(format!(".{name}.{}.{n}.tmp", std::process::id())))
+}
+
+/// Runs `write` on a fresh temporary file next to `path`, then renames it to `path`; on any
+/// failure the temporary file is removed and `path` is left as it was.
+pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path)?;
     let result = write(&tmp).and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|source| Error::Io {
             path: path.to_path_buf(),

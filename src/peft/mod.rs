@@ -18,5 +18,5 @@ pub use adapter::{
     adapter_dir, PeftAdapter, CONFIG_FILE, KEY_PREFIX, PEFT_FORMAT_VERSION, SPECTRUM_SUFFIX,
     WEIGHTS_FILE,
 };
-pub use merge::{merge_safetensors, resolve_fan_in_fan_out, MergeSummary};
+pub use merge::{merge_safetensors, merge_safetensors_bytes, resolve_fan_in_fan_out, MergeSummary};
 pub use target::ModuleMatcher;

@@ -93,8 +93,15 @@ fn ends_with_dot(key: &str, name: &str) -> bool {
 }
 
 fn compile(what: &str, pattern: &str) -> Result<Regex> {
-    Regex::new(pattern)
-        .map_err(|e| Error::Config(format!("{what}: cannot compile regex {pattern:?}: {e}")))
+    Regex::new(pattern).map_err(|e| {
+        // A syntax error is drawn over several lines; its last line says what is wrong.
+        let text = e.to_string();
+        let last = text.lines().last().unwrap_or_default();
+        let reason = last.strip_prefix("error: ").unwrap_or(last);
+        Error::Config(format!(
+            "{what}: cannot compile regex {pattern:?}: {reason}"
+        ))
+    })
 }
 
 impl ModuleMatcher {

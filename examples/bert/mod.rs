@@ -1,0 +1,1010 @@
+//! A small BERT encoder for the sentiment demo and its tests: MiniLM-L6 (all-MiniLM-L6-v2) from
+//! its safetensors, with trainable adapters on the attention's query and value projections.
+//!
+//! Built for training on CPU with candle 0.11 (DESIGN.md §3), where every pass over memory and
+//! every weight-sized GEMM shows in the step time:
+//! - every frozen linear layer (key, attention output, FFN, and LoRA's base) goes through
+//!   `fourierft::ops::frozen_linear`, whose backward computes dL/dx only, never a gradient for
+//!   the frozen weight; FourierFT layers are `fourierft::linear` (same frozen base);
+//! - layer norm is hand-written: a custom op with its backward (candle's fused `LayerNorm` has
+//!   no backward; the composed one, [`LayerNorm::forward_composed`], is many passes);
+//! - GELU (erf form) is a custom op with a one-pass backward;
+//! - attention: by default one fused custom op per layer ([`attention`]: softmax(q·kᵀ/√d +
+//!   mask)·v per sequence and head, with its backward); [`AttentionImpl::Composed`] is the same
+//!   from candle ops with `candle_nn::ops::softmax` and an additive mask ([`attention_composed`]);
+//!   the tests check both agree, values and gradients;
+//! - the sentence embedding is the mask-weighted mean of the last hidden states.
+//!
+//! Query and value are [`Proj::Fourier`], [`Proj::Lora`] (a minimal LoRA, the baseline) or
+//! [`Proj::Frozen`]. The custom ops run on the CPU only.
+#![allow(dead_code)] // each user (example, test) uses a different part
+
+use anyhow::{bail, Context, Result};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, Var, D};
+use candle_nn::{Embedding, VarBuilder};
+use fourierft::{FourierFTConfig, FourierLinear};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of a BERT `config.json` the encoder uses (other keys are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config = serde_json::from_str(&text)?;
+        if cfg.hidden_act != "gelu" {
+            bail!(
+                "only hidden_act = \"gelu\" is supported, found {:?}",
+                cfg.hidden_act
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// A minimal LoRA (PEFT's `LoraConfig` defaults: A Kaiming-uniform, B zero, dropout 0):
+/// `y = base(x) + (alpha/r)·(x·Aᵀ)·Bᵀ`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub seed: u64,
+}
+
+/// What to attach to the query and value projections.
+#[derive(Debug, Clone)]
+pub enum Adapter {
+    /// Nothing: the encoder is frozen.
+    None,
+    /// A FourierFT adapter (`fourierft::linear`).
+    FourierFT(Box<FourierFTConfig>),
+    /// A LoRA adapter.
+    Lora(LoraConfig),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen ops (custom ops whose backward returns only dL/dx)
+
+/// Borrows the f32 data of a contiguous CPU tensor and calls `f` on it.
+fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        bail!("the demo's custom ops need f32 tensors on the CPU");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .context("contiguous tensor expected")?;
+    f(&data[start..end])
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what}: f32 input expected")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: contiguous input expected"),
+    }
+}
+
+fn to_candle(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
+}
+
+/// A linear layer whose weight and bias are never trained.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: weight.detach(),
+            bias: bias.map(|b| b.detach()),
+        }
+    }
+
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::new(
+            vb.get((out_dim, in_dim), "weight")?,
+            Some(vb.get(out_dim, "bias")?),
+        ))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for FrozenLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let (inp, out) = (dims[dims.len() - 1], self.weight.dim(0)?);
+        let x2 = x.reshape(((), inp))?;
+        let y = fourierft::ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())
+            .map_err(fourierft::Error::into_candle)?;
+        let mut out_dims = dims.to_vec();
+        out_dims[dims.len() - 1] = out;
+        y.reshape(out_dims)
+    }
+}
+
+/// Layer norm over the last dim with frozen gain and bias, hand-written with its backward:
+/// dL/dx = rstd·(g' − mean(g') − x̂·mean(g'·x̂)), g' = g·γ.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?.to_vec1::<f32>()?;
+        let bias = vb.get(dim, "bias")?.to_vec1::<f32>()?;
+        Ok(Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
+    /// The same layer norm composed of candle ops (differentiable, slower): for tests.
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = self.weight.len();
+        let w = Tensor::from_slice(&self.weight, n, x.device())?;
+        let b = Tensor::from_slice(&self.bias, n, x.device())?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps as f64)?.sqrt()?)?;
+        xn.broadcast_mul(&w)?.broadcast_add(&b)
+    }
+}
+
+/// Mean and 1/std of one row.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = sum8(row.iter().copied()) / n;
+    let var = sum8(row.iter().map(|v| (v - mean) * (v - mean))) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// A sum with 8 independent accumulators (so that it vectorises).
+#[inline(always)]
+fn sum8(it: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, v) in it.enumerate() {
+        acc[i % 8] += v;
+    }
+    acc.iter().sum()
+}
+
+/// `Σ a[i]·b[i]` with 8 independent accumulators.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Rows per rayon task: small tensors stay on one thread.
+const ROWS_PER_TASK: usize = 64;
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "layer-norm")?;
+        let n = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(x.par_chunks(n * ROWS_PER_TASK))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for i in 0..n {
+                        yr[i] = (xr[i] - mean) * rstd * self.weight[i] + self.bias[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = self.weight.len();
+        let dx = with_f32(x, |x| {
+            with_f32(g, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(n * ROWS_PER_TASK)
+                    .zip(x.par_chunks(n * ROWS_PER_TASK))
+                    .zip(g.par_chunks(n * ROWS_PER_TASK))
+                    .for_each(|((dc, xc), gc)| {
+                        for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                            let (mean, rstd) = row_stats(xr, self.eps);
+                            let w = &self.weight;
+                            let sg = sum8((0..n).map(|i| gr[i] * w[i]));
+                            let sgx = sum8((0..n).map(|i| gr[i] * w[i] * (xr[i] - mean) * rstd));
+                            let (mg, mgx) = (sg / n as f32, sgx / n as f32);
+                            for i in 0..n {
+                                let xh = (xr[i] - mean) * rstd;
+                                dr[i] = rstd * (gr[i] * self.weight[i] - mg - xh * mgx);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })
+        .map_err(to_candle)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1(self.clone())
+    }
+}
+
+/// GELU (erf form, as BERT's "gelu") with a one-pass backward.
+#[derive(Debug, Clone, Copy)]
+struct Gelu;
+
+/// e^x for f32 without a libm call (Cephes' expf polynomial; relative error ~2e-7), written
+/// branch-free so that loops over it vectorise.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by adding and subtracting 1.5·2^23 (no libm `round` call).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// erf for f32 (Abramowitz–Stegun 7.1.26, absolute error < 1.5e-7, the approximation PyTorch's
+/// vectorised CPU erf also uses), branch-free.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    (1.0 - poly * exp_f32(-a * a)).copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(yc, xc)| {
+                for (y, &x) in yc.iter_mut().zip(xc) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = with_f32(x, |x| {
+            with_f32(g, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(16384)
+                    .zip(x.par_chunks(16384))
+                    .zip(g.par_chunks(16384))
+                    .for_each(|((dc, xc), gc)| {
+                        for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                            let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * x * x);
+                            *d = g * (cdf + x * pdf);
+                        }
+                    });
+                Ok(dx)
+            })
+        })
+        .map_err(to_candle)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// Multi-head self-attention core, fused: `softmax(q·kᵀ/√d + mask)·v` per (sequence, head) on
+/// `(b, s, h)` inputs, without splitting heads into separate tensors, with its backward
+/// (softmax backward: dS = P∘(dP − rowsum(dP∘P))). Padding keys get a weight of exactly 0.
+/// [`attention_composed`] is the same computation from candle ops (for tests and `--attention
+/// composed`).
+struct Attention {
+    heads: usize,
+    /// Number of real (unpadded) tokens of each sequence; padding is at the end.
+    lens: Vec<usize>,
+}
+
+impl Attention {
+    /// Runs `f(batch, head, rows)` for every (sequence, head) pair in parallel and gathers the
+    /// `(s, hd)` blocks each returns (one per output) into `(b, s, h)` buffers.
+    fn per_head<const K: usize>(
+        &self,
+        b: usize,
+        s: usize,
+        h: usize,
+        f: impl Fn(usize, usize) -> [Vec<f32>; K] + Sync,
+    ) -> [Vec<f32>; K] {
+        let hd = h / self.heads;
+        let blocks: Vec<[Vec<f32>; K]> = (0..b * self.heads)
+            .into_par_iter()
+            .map(|t| f(t / self.heads, t % self.heads))
+            .collect();
+        std::array::from_fn(|k| {
+            let mut out = vec![0f32; b * s * h];
+            for (t, blk) in blocks.iter().enumerate() {
+                let (bi, hi) = (t / self.heads, t % self.heads);
+                for i in 0..s {
+                    let o = (bi * s + i) * h + hi * hd;
+                    out[o..o + hd].copy_from_slice(&blk[k][i * hd..(i + 1) * hd]);
+                }
+            }
+            out
+        })
+    }
+}
+
+/// Copies head `hi` of sequence `bi` out of a `(b, s, h)` buffer: `(s, hd)`.
+fn head_block(x: &[f32], bi: usize, hi: usize, s: usize, h: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(s * hd);
+    for i in 0..s {
+        let o = (bi * s + i) * h + hi * hd;
+        out.extend_from_slice(&x[o..o + hd]);
+    }
+    out
+}
+
+/// Attention probabilities `(s, s)` of one (sequence, head); keys at or past `len` get 0.
+fn attention_probs(q: &[f32], k: &[f32], s: usize, hd: usize, len: usize) -> Vec<f32> {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut p = vec![0f32; s * s];
+    for i in 0..s {
+        let row = &mut p[i * s..(i + 1) * s];
+        let qi = &q[i * hd..(i + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..len {
+            row[j] = scale * dot(qi, &k[j * hd..(j + 1) * hd]);
+            max = max.max(row[j]);
+        }
+        let mut sum = 0f32;
+        for v in row[..len].iter_mut() {
+            *v = exp_f32(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row[..len].iter_mut().for_each(|v| *v *= inv);
+    }
+    p
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            cpu_f32(qs, ql, "attention q")?,
+            cpu_f32(ks, kl, "attention k")?,
+            cpu_f32(vs, vl, "attention v")?,
+        );
+        let (b, s, h) = ql.shape().dims3()?;
+        let hd = h / self.heads;
+        let [out] = self.per_head(b, s, h, |bi, hi| {
+            let (qb, kb, vb) = (
+                head_block(q, bi, hi, s, h, hd),
+                head_block(k, bi, hi, s, h, hd),
+                head_block(v, bi, hi, s, h, hd),
+            );
+            let len = self.lens[bi];
+            let p = attention_probs(&qb, &kb, s, hd, len);
+            let mut o = vec![0f32; s * hd];
+            for i in 0..s {
+                let oi = &mut o[i * hd..(i + 1) * hd];
+                for j in 0..len {
+                    axpy(oi, p[i * s + j], &vb[j * hd..(j + 1) * hd]);
+                }
+            }
+            [o]
+        });
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, h) = q.dims3()?;
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let grads = with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(g, |g| {
+                        Ok(self.per_head(b, s, h, |bi, hi| {
+                            let blk = |x: &[f32]| head_block(x, bi, hi, s, h, hd);
+                            let (qb, kb, vb, gb) = (blk(q), blk(k), blk(v), blk(g));
+                            let len = self.lens[bi];
+                            let p = attention_probs(&qb, &kb, s, hd, len);
+                            let (mut dq, mut dk, mut dv) =
+                                (vec![0f32; s * hd], vec![0f32; s * hd], vec![0f32; s * hd]);
+                            let mut ds = vec![0f32; len];
+                            for i in 0..s {
+                                let gi = &gb[i * hd..(i + 1) * hd];
+                                let pi = &p[i * s..i * s + len];
+                                // dP_ij = g_i·v_j; dS_ij = P_ij (dP_ij − Σ_j P_ij dP_ij).
+                                let mut acc = 0f32;
+                                for j in 0..len {
+                                    ds[j] = dot(gi, &vb[j * hd..(j + 1) * hd]);
+                                    acc += pi[j] * ds[j];
+                                }
+                                for j in 0..len {
+                                    ds[j] = pi[j] * (ds[j] - acc) * scale;
+                                    axpy(&mut dv[j * hd..(j + 1) * hd], pi[j], gi);
+                                    axpy(
+                                        &mut dk[j * hd..(j + 1) * hd],
+                                        ds[j],
+                                        &qb[i * hd..(i + 1) * hd],
+                                    );
+                                }
+                                let dqi = &mut dq[i * hd..(i + 1) * hd];
+                                for j in 0..len {
+                                    axpy(dqi, ds[j], &kb[j * hd..(j + 1) * hd]);
+                                }
+                            }
+                            [dq, dk, dv]
+                        }))
+                    })
+                })
+            })
+        })
+        .map_err(to_candle)?;
+        let [dq, dk, dv] = grads;
+        let t = |d: Vec<f32>| Tensor::from_vec(d, (b, s, h), q.device());
+        Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
+    }
+}
+
+/// Fused self-attention core on `(b, s, h)` tensors; `lens[i]` real tokens in sequence i.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    lens: &[usize],
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            heads,
+            lens: lens.to_vec(),
+        },
+    )
+}
+
+/// The same attention from candle ops: heads split into `(b, heads, s, hd)`, an additive mask
+/// and `candle_nn::ops::softmax`. `mask` is `(b, s)`, 1 for tokens and 0 for padding.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, s, h) = q.dims3()?;
+    let hd = h / heads;
+    let split = |t: &Tensor| t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous();
+    let neg = ((mask.ones_like()? - mask)? * -1e9)?.reshape((b, 1, 1, s))?;
+    let q = (split(q)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = q.matmul(&split(k)?.t()?)?.broadcast_add(&neg)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs
+        .matmul(&split(v)?)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, h))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Projections with adapters
+
+/// LoRA on a frozen linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    base: FrozenLinear,
+    a: Var, // (r, in)
+    b: Var, // (out, r)
+    scale: f64,
+}
+
+impl LoraLinear {
+    pub fn new(base: FrozenLinear, cfg: &LoraConfig, name: &str) -> Result<Self> {
+        let (out, inp) = base.weight.dims2()?;
+        let dev = base.weight.device().clone();
+        // Kaiming-uniform with a = sqrt(5) (PEFT / torch Linear default): U(-1/sqrt(in), 1/sqrt(in)).
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ fnv1a(name));
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Ok(Self {
+            base,
+            a: Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &dev)?)?,
+            b: Var::zeros((out, cfg.r), DType::F32, &dev)?,
+            scale: cfg.alpha / cfg.r as f64,
+        })
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        vec![self.a.clone(), self.b.clone()]
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let dims = x.dims().to_vec();
+        let x2 = x.reshape(((), dims[dims.len() - 1]))?;
+        let up = x2
+            .matmul(&self.a.as_tensor().t()?)?
+            .matmul(&self.b.as_tensor().t()?)?;
+        let up = (up * self.scale)?.reshape(y.shape())?;
+        y + up
+    }
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A query or value projection.
+#[derive(Debug, Clone)]
+pub enum Proj {
+    Frozen(FrozenLinear),
+    Fourier(FourierLinear),
+    Lora(LoraLinear),
+}
+
+impl Proj {
+    fn load(dim: usize, adapter: &Adapter, vb: VarBuilder) -> Result<Self> {
+        Ok(match adapter {
+            Adapter::None => Proj::Frozen(FrozenLinear::load(dim, dim, vb)?),
+            Adapter::FourierFT(cfg) => Proj::Fourier(fourierft::linear(dim, dim, cfg, vb)?),
+            Adapter::Lora(cfg) => {
+                let name = vb.prefix();
+                Proj::Lora(LoraLinear::new(
+                    FrozenLinear::load(dim, dim, vb)?,
+                    cfg,
+                    &name,
+                )?)
+            }
+        })
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        match self {
+            Proj::Frozen(_) => vec![],
+            Proj::Fourier(l) => l.trainable_vars(),
+            Proj::Lora(l) => l.vars(),
+        }
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        match self {
+            Proj::Frozen(_) => 0,
+            Proj::Fourier(l) => l.num_trainable(),
+            Proj::Lora(l) => l.num_trainable(),
+        }
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Frozen(l) => l.forward(x),
+            Proj::Fourier(l) => l.forward(x),
+            Proj::Lora(l) => l.forward(x),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The encoder
+
+struct Layer {
+    query: Proj,
+    key: FrozenLinear,
+    value: Proj,
+    attn_out: FrozenLinear,
+    attn_norm: LayerNorm,
+    ffn_in: FrozenLinear,
+    ffn_out: FrozenLinear,
+    ffn_norm: LayerNorm,
+}
+
+/// MiniLM / BERT encoder with adapters on query and value.
+pub struct Encoder {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    /// Which attention implementation [`Encoder::forward`] uses.
+    pub attention: AttentionImpl,
+    pub config: Config,
+}
+
+/// How the encoder computes attention (both give the same values and gradients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionImpl {
+    /// One custom op per layer with a hand-written backward ([`attention`]).
+    #[default]
+    Fused,
+    /// candle ops with `candle_nn::ops::softmax` ([`attention_composed`]).
+    Composed,
+}
+
+impl Encoder {
+    /// Loads the encoder from `vb` (keys as in MiniLM's safetensors: `embeddings.*`,
+    /// `encoder.layer.{i}.*`), with `adapter` on every query and value.
+    pub fn load(vb: VarBuilder, config: &Config, adapter: &Adapter) -> Result<Self> {
+        let h = config.hidden_size;
+        if h % config.num_attention_heads != 0 {
+            bail!("hidden_size {h} is not a multiple of num_attention_heads");
+        }
+        let eps = config.layer_norm_eps;
+        let e = vb.pp("embeddings");
+        let emb = |n: usize, name: &str| -> Result<Embedding> {
+            Ok(Embedding::new(e.pp(name).get((n, h), "weight")?, h))
+        };
+        let word = emb(config.vocab_size, "word_embeddings")?;
+        let position = emb(config.max_position_embeddings, "position_embeddings")?;
+        let token_type = emb(config.type_vocab_size, "token_type_embeddings")?;
+        let emb_norm = LayerNorm::load(h, eps, e.pp("LayerNorm"))?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let att = l.pp("attention");
+            let s = att.pp("self");
+            layers.push(Layer {
+                query: Proj::load(h, adapter, s.pp("query"))?,
+                key: FrozenLinear::load(h, h, s.pp("key"))?,
+                value: Proj::load(h, adapter, s.pp("value"))?,
+                attn_out: FrozenLinear::load(h, h, att.pp("output").pp("dense"))?,
+                attn_norm: LayerNorm::load(h, eps, att.pp("output").pp("LayerNorm"))?,
+                ffn_in: FrozenLinear::load(
+                    h,
+                    config.intermediate_size,
+                    l.pp("intermediate").pp("dense"),
+                )?,
+                ffn_out: FrozenLinear::load(
+                    config.intermediate_size,
+                    h,
+                    l.pp("output").pp("dense"),
+                )?,
+                ffn_norm: LayerNorm::load(h, eps, l.pp("output").pp("LayerNorm"))?,
+            });
+        }
+        Ok(Self {
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+            heads: config.num_attention_heads,
+            attention: AttentionImpl::default(),
+            config: config.clone(),
+        })
+    }
+
+    /// Loads MiniLM from a directory holding `model.safetensors` and `config.json`.
+    pub fn from_dir(dir: &Path, adapter: &Adapter) -> Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        // SAFETY: the file is not modified while mapped (it is a read-only downloaded asset).
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu)? };
+        Self::load(vb, &config, adapter)
+    }
+
+    /// Last hidden states `(batch, seq, hidden)` for token ids `(batch, seq)` (u32) and an
+    /// attention mask `(batch, seq)` (f32, 1 for tokens, 0 for padding).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let s = ids.dim(1)?;
+        let dev = ids.device();
+        let positions = Tensor::arange(0u32, s as u32, dev)?;
+        let x = self
+            .word
+            .forward(ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .broadcast_add(
+                &self
+                    .token_type
+                    .forward(&Tensor::zeros(1, DType::U32, dev)?)?,
+            )?;
+        let mut x = self.emb_norm.forward(&x)?;
+        // Real tokens per sequence (padding is at the end) for the fused attention.
+        let lens: Vec<usize> = mask
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&l| l as usize)
+            .collect();
+        let nh = self.heads;
+        for layer in &self.layers {
+            let q = layer.query.forward(&x)?;
+            let k = layer.key.forward(&x)?;
+            let v = layer.value.forward(&x)?;
+            let ctx = match self.attention {
+                AttentionImpl::Fused => attention(&q, &k, &v, nh, &lens)?,
+                AttentionImpl::Composed => attention_composed(&q, &k, &v, nh, mask)?,
+            };
+            let a = (layer.attn_out.forward(&ctx)? + &x)?;
+            let a = layer.attn_norm.forward(&a)?;
+            let f = layer.ffn_out.forward(&gelu(&layer.ffn_in.forward(&a)?)?)?;
+            x = layer.ffn_norm.forward(&(f + a)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Sentence embeddings `(batch, hidden)`: mask-weighted mean of the last hidden states.
+    pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        mean_pool(&self.forward(ids, mask)?, mask)
+    }
+
+    /// The trainable adapter parameters (empty without adapters).
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.projections()
+            .flat_map(|(_, p)| p.vars())
+            .collect::<Vec<_>>()
+    }
+
+    /// Number of trainable adapter parameters.
+    pub fn num_trainable(&self) -> usize {
+        self.projections().map(|(_, p)| p.num_trainable()).sum()
+    }
+
+    /// (module path, projection) for every query and value, in layer order.
+    pub fn projections(&self) -> impl Iterator<Item = (String, &Proj)> {
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            let p = format!("encoder.layer.{i}.attention.self");
+            [
+                (format!("{p}.query"), &l.query),
+                (format!("{p}.value"), &l.value),
+            ]
+        })
+    }
+
+    /// The FourierFT layers (module path, layer handle).
+    pub fn fourier_layers(&self) -> Vec<(String, FourierLinear)> {
+        self.projections()
+            .filter_map(|(n, p)| match p {
+                Proj::Fourier(l) => Some((n, l.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every frozen weight the encoder computes with, named as in the safetensors file (for
+    /// FourierFT layers: the current weight, which holds ΔW while merged).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let dev = Device::Cpu;
+        let ln = |name: String, l: &LayerNorm| -> Result<[(String, Tensor); 2]> {
+            Ok([
+                (
+                    format!("{name}.weight"),
+                    Tensor::new(l.weight.as_slice(), &dev)?,
+                ),
+                (
+                    format!("{name}.bias"),
+                    Tensor::new(l.bias.as_slice(), &dev)?,
+                ),
+            ])
+        };
+        let lin = |name: String, l: &FrozenLinear| -> Vec<(String, Tensor)> {
+            let mut v = vec![(format!("{name}.weight"), l.weight.clone())];
+            v.extend(l.bias.clone().map(|b| (format!("{name}.bias"), b)));
+            v
+        };
+        let e = "embeddings";
+        let mut out = vec![
+            (
+                format!("{e}.word_embeddings.weight"),
+                self.word.embeddings().clone(),
+            ),
+            (
+                format!("{e}.position_embeddings.weight"),
+                self.position.embeddings().clone(),
+            ),
+            (
+                format!("{e}.token_type_embeddings.weight"),
+                self.token_type.embeddings().clone(),
+            ),
+        ];
+        out.extend(ln(format!("{e}.LayerNorm"), &self.emb_norm)?);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{i}");
+            for (name, proj) in [("query", &l.query), ("value", &l.value)] {
+                let name = format!("{p}.attention.self.{name}");
+                match proj {
+                    Proj::Frozen(f) => out.extend(lin(name, f)),
+                    Proj::Lora(lora) => out.extend(lin(name, &lora.base)),
+                    Proj::Fourier(f) => {
+                        out.push((format!("{name}.weight"), f.weight()));
+                        out.extend(f.bias().map(|b| (format!("{name}.bias"), b)));
+                    }
+                }
+            }
+            out.extend(lin(format!("{p}.attention.self.key"), &l.key));
+            out.extend(lin(format!("{p}.attention.output.dense"), &l.attn_out));
+            out.extend(ln(format!("{p}.attention.output.LayerNorm"), &l.attn_norm)?);
+            out.extend(lin(format!("{p}.intermediate.dense"), &l.ffn_in));
+            out.extend(lin(format!("{p}.output.dense"), &l.ffn_out));
+            out.extend(ln(format!("{p}.output.LayerNorm"), &l.ffn_norm)?);
+        }
+        Ok(out)
+    }
+
+    /// Merges every FourierFT adapter into its weight.
+    pub fn merge(&self) -> Result<()> {
+        for (_, l) in self.fourier_layers() {
+            l.merge()?;
+        }
+        Ok(())
+    }
+
+    /// Takes the FourierFT adapters out of the weights again.
+    pub fn unmerge(&self) -> Result<()> {
+        for (_, l) in self.fourier_layers() {
+            l.unmerge()?;
+        }
+        Ok(())
+    }
+}
+
+/// Mask-weighted mean over the sequence: `(b, s, h)`, `(b, s)` → `(b, h)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime settings
+
+/// Settings that make candle training faster on a small shared CPU; call first thing in `main`.
+///
+/// - glibc malloc: keep freed memory instead of returning it to the OS (a training step
+///   allocates and frees hundreds of MB in buffers of a few MB; returning them costs page faults
+///   and page zeroing on every step, ~15% of a step in a profile).
+/// - `CANDLE_NUM_THREADS=1` unless set: candle's elementwise ops then run on the calling thread
+///   instead of a spinning barrier pool (which burns CPU time when cores are shared); matrix
+///   products still use all cores (`RAYON_NUM_THREADS`), as do this module's custom ops.
+pub fn tune_runtime() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenization
+
+/// The MiniLM tokenizer with padding off and truncation at `max_len` tokens.
+pub fn tokenizer(path: &Path, max_len: usize) -> Result<tokenizers::Tokenizer> {
+    let mut tok = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+    tok.with_padding(None);
+    tok.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: max_len,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(tok)
+}
+
+/// Token ids of each text (with [CLS] … [SEP]).
+pub fn encode(tok: &tokenizers::Tokenizer, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+    let enc = tok
+        .encode_batch(texts.to_vec(), true)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(enc.into_iter().map(|e| e.get_ids().to_vec()).collect())
+}
+
+/// Pads sequences to the longest one: ids `(b, s)` u32 (pad id 0) and mask `(b, s)` f32.
+pub fn pad_batch(seqs: &[&[u32]], dev: &Device) -> Result<(Tensor, Tensor)> {
+    let s = seqs.iter().map(|q| q.len()).max().unwrap_or(0);
+    let mut ids = vec![0u32; seqs.len() * s];
+    let mut mask = vec![0f32; seqs.len() * s];
+    for (i, q) in seqs.iter().enumerate() {
+        ids[i * s..i * s + q.len()].copy_from_slice(q);
+        mask[i * s..i * s + q.len()].fill(1.0);
+    }
+    Ok((
+        Tensor::from_vec(ids, (seqs.len(), s), dev)?,
+        Tensor::from_vec(mask, (seqs.len(), s), dev)?,
+    ))
+}
