@@ -500,22 +500,7 @@ fn build(
     fan_in_fan_out: bool,
     vb: VarBuilder,
 ) -> Result<AdaptableLinear> {
-    let shape = if fan_in_fan_out {
-        (in_dim, out_dim)
-    } else {
-        (out_dim, in_dim)
-    };
-    let weight = vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-    let bias = if bias {
-        let bound = 1. / (in_dim as f64).sqrt();
-        let init = candle_nn::Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        Some(vb.get_with_hints(out_dim, "bias", init)?)
-    } else {
-        None
-    };
+    let (weight, bias) = crate::layer::base_parts(in_dim, out_dim, bias, fan_in_fan_out, &vb)?;
     let path = vb.prefix();
     if let Some(ctx) = AdapterContext::from_var_builder(&vb) {
         ctx.record_built(&path);

@@ -727,13 +727,28 @@ pub fn linear_b(
     config: &FourierFTConfig,
     vb: VarBuilder,
 ) -> Result<FourierLinear> {
-    let shape = if config.fan_in_fan_out {
+    let (weight, bias) = base_parts(in_dim, out_dim, bias, config.fan_in_fan_out, &vb)?;
+    let layer =
+        FourierLinear::from_parts(weight, bias, config.fan_in_fan_out)?.with_name(vb.prefix());
+    layer.add_adapter(DEFAULT_ADAPTER, config)?;
+    Ok(layer)
+}
+
+/// The base weight (`(out, in)`, or `(in, out)` with `fan_in_fan_out`) and optional bias from
+/// `vb`, with `candle_nn::linear`'s initialisers when `vb` creates them.
+pub(crate) fn base_parts(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    fan_in_fan_out: bool,
+    vb: &VarBuilder,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let shape = if fan_in_fan_out {
         (in_dim, out_dim)
     } else {
         (out_dim, in_dim)
     };
-    let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-    let weight = vb.get_with_hints(shape, "weight", init)?;
+    let weight = vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bias = if bias {
         let bound = 1. / (in_dim as f64).sqrt();
         let init = candle_nn::Init::Uniform {
@@ -744,10 +759,7 @@ pub fn linear_b(
     } else {
         None
     };
-    let layer =
-        FourierLinear::from_parts(weight, bias, config.fan_in_fan_out)?.with_name(vb.prefix());
-    layer.add_adapter(DEFAULT_ADAPTER, config)?;
-    Ok(layer)
+    Ok((weight, bias))
 }
 
 /// How [`FourierLinear`]'s unmerged forward computes the adapters' contribution.
