@@ -8,7 +8,13 @@
 //!
 //! `cargo run --release --example sentiment -- --help`
 //!
-//! scripts/peft_sentiment.py runs the same job with transformers + PEFT and prints the same table.
+//! scripts/peft_sentiment.py runs the same job with transformers + PEFT and prints the same table
+//! (the same batches: `--dump-batches` on both prints them for a `diff`).
+//!
+//! Timing: "step ms" is the wall time of a training step (batch building, forward, backward,
+//! AdamW), "step CPU ms" the CPU time of the process over it (all threads) — the work, which
+//! other load on a shared machine disturbs less. `bert::tune_runtime` sets glibc malloc to keep
+//! freed memory and `CANDLE_NUM_THREADS=1` (unless set) at start; see there.
 
 mod bert;
 
@@ -126,9 +132,6 @@ struct Args {
     /// FourierFT forward: dense (W0 + ΔW), spectral (O(d log d) per token) or auto.
     #[arg(long, value_enum, default_value_t = FourierMode::Auto)]
     fourier_mode: FourierMode,
-    /// Attention: one fused custom op per layer, or candle ops with candle_nn::ops::softmax.
-    #[arg(long, value_enum, default_value_t = AttentionArg::Fused)]
-    attention: AttentionArg,
     /// Where the FourierFT adapters are saved.
     #[arg(long, default_value = "target/demo-out")]
     out: PathBuf,
@@ -149,12 +152,6 @@ enum FourierMode {
     Auto,
     Dense,
     Spectral,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum AttentionArg {
-    Fused,
-    Composed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -360,7 +357,25 @@ struct RunResult {
     accuracy: f64,
     train_s: f64,
     step_ms: f64,
+    /// CPU time of the whole process per step (all threads): the work, robust to other load.
+    step_cpu_ms: f64,
     steps: usize,
+}
+
+/// CPU time used by this process so far (all threads), in seconds; NaN where unsupported.
+fn process_cpu_s() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
+    f64::NAN
 }
 
 fn lr_at(lr: f64, step: usize, total: usize) -> f64 {
@@ -405,6 +420,7 @@ fn run_head_only(
         accuracy: accuracy(&logits, eval),
         train_s,
         step_ms: 1e3 * train_s / total as f64,
+        step_cpu_ms: f64::NAN,
         steps: total,
     })
 }
@@ -426,13 +442,6 @@ fn embed_all(enc: &Encoder, data: &[Example], batch: usize, msg: &str) -> Result
     pb.finish_and_clear();
     let rows: Vec<Tensor> = rows.into_iter().map(|r| r.unwrap()).collect();
     Ok(Tensor::stack(&rows, 0)?)
-}
-
-fn attention_impl(args: &Args) -> bert::AttentionImpl {
-    match args.attention {
-        AttentionArg::Fused => bert::AttentionImpl::Fused,
-        AttentionArg::Composed => bert::AttentionImpl::Composed,
-    }
 }
 
 fn fourier_config(args: &Args, seed: u64) -> FourierFTConfig {
@@ -468,8 +477,7 @@ fn run_adapter(
         Method::Lora => args.lr_lora,
         _ => args.lr_fourier,
     };
-    let mut enc = Encoder::from_dir(&args.assets, &adapter)?;
-    enc.attention = attention_impl(args);
+    let enc = Encoder::from_dir(&args.assets, &adapter)?;
     let mode = match args.fourier_mode {
         FourierMode::Auto => fourierft::ForwardMode::Auto,
         FourierMode::Dense => fourierft::ForwardMode::Dense,
@@ -485,11 +493,11 @@ fn run_adapter(
     let total = train.len().div_ceil(args.batch) * args.epochs;
     let pb = bar(total, format!("{} seed {seed}", method.label()))?;
     let (mut step, mut loss_ema, mut seen) = (0usize, None::<f64>, 0usize);
-    let mut step_time = 0f64;
+    let (mut step_time, mut step_cpu) = (0f64, 0f64);
     let start = Instant::now();
     for epoch in 0..args.epochs {
         for b in epoch_batches(&lens, args.batch, seed, epoch) {
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), process_cpu_s());
             let (ids, mask, labels) = batch_tensors(train, &b, &dev)?;
             let logits = head.forward(&enc.embed(&ids, &mask)?)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
@@ -500,6 +508,7 @@ fn run_adapter(
             opt_head.step(&grads)?;
             let l = loss.to_scalar::<f32>()? as f64;
             step_time += t.elapsed().as_secs_f64();
+            step_cpu += process_cpu_s() - cpu;
             step += 1;
             seen += b.len();
             loss_ema = Some(loss_ema.map_or(l, |e| 0.9 * e + 0.1 * l));
@@ -544,6 +553,7 @@ fn run_adapter(
         accuracy: acc,
         train_s,
         step_ms: 1e3 * step_time / step as f64,
+        step_cpu_ms: 1e3 * step_cpu / step as f64,
         steps: step,
     })
 }
@@ -624,8 +634,7 @@ fn main() -> Result<()> {
     );
     let mut results: Vec<RunResult> = Vec::new();
     if args.methods.contains(&Method::Head) {
-        let mut enc = Encoder::from_dir(&args.assets, &Adapter::None)?;
-        enc.attention = attention_impl(&args);
+        let enc = Encoder::from_dir(&args.assets, &Adapter::None)?;
         let t = Instant::now();
         let feats = (
             embed_all(&enc, &train, 64, "embedding train")?,
@@ -651,8 +660,8 @@ fn main() -> Result<()> {
             }
             let r = run_adapter(&args, method, seed, &train, &eval)?;
             println!(
-                "{:>10} seed {seed}: accuracy {:.2}%, {:.0} s, {:.0} ms/step",
-                r.method, r.accuracy, r.train_s, r.step_ms
+                "{:>10} seed {seed}: accuracy {:.2}%, {:.0} s, {:.0} ms/step ({:.0} ms CPU)",
+                r.method, r.accuracy, r.train_s, r.step_ms, r.step_cpu_ms
             );
             results.push(r);
         }
@@ -668,9 +677,10 @@ fn main() -> Result<()> {
 fn print_table(args: &Args, results: &[RunResult], split: &str) {
     println!();
     println!(
-        "| method | adapter params | {split} acc % (mean ± std) | per seed | train s/run | step ms |"
+        "| method | adapter params | {split} acc % (mean ± std) | per seed | train s/run | step ms \
+         | step CPU ms |"
     );
-    println!("|---|---:|---:|---|---:|---:|");
+    println!("|---|---:|---:|---|---:|---:|---:|");
     for &method in &args.methods {
         let rs: Vec<&RunResult> = results
             .iter()
@@ -693,13 +703,19 @@ fn print_table(args: &Args, results: &[RunResult], split: &str) {
             .join(" / ");
         let train_s = rs.iter().map(|r| r.train_s).sum::<f64>() / rs.len() as f64;
         let step_ms = rs.iter().map(|r| r.step_ms).sum::<f64>() / rs.len() as f64;
+        let cpu = rs.iter().map(|r| r.step_cpu_ms).sum::<f64>() / rs.len() as f64;
+        let cpu = if cpu.is_nan() {
+            "–".to_string()
+        } else {
+            format!("{cpu:.0}")
+        };
         println!(
-            "| {name} | {} | {m:.2} ± {s:.2} | {per_seed} | {train_s:.1} | {step_ms:.0} |",
+            "| {name} | {} | {m:.2} ± {s:.2} | {per_seed} | {train_s:.1} | {step_ms:.0} | {cpu} |",
             rs[0].adapter_params
         );
     }
     println!(
-        "\nsettings: FourierFT n={} scaling={} init={:?} random_loc_seed={} lr_c={}; \
+        "\nsettings: FourierFT n={} scaling={} init={:?} random_loc_seed={} lr_c={} forward={:?}; \
          LoRA r={} alpha={} lr={}; head lr={} (head only: lr={}, {} epochs); \
          AdamW weight_decay={}, linear decay to 0, no warmup; classifier head on the mean-pooled \
          embedding, initialised to zero; adapters on every query and value",
@@ -708,6 +724,7 @@ fn print_table(args: &Args, results: &[RunResult], split: &str) {
         args.fourier_init,
         args.random_loc_seed,
         args.lr_fourier,
+        args.fourier_mode,
         args.lora_r,
         args.lora_alpha,
         args.lr_lora,

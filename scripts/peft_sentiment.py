@@ -246,7 +246,8 @@ def main():
             acc = 100.0 * sum(int(p) == y for p, y in zip(pred.tolist(), eval_y)) / len(eval_y)
             print(f" head only seed {seed}: accuracy {acc:.2f}%")
             results.append(dict(method="head only", seed=seed, adapter_params=0, accuracy=acc,
-                                train_s=train_s, step_ms=1e3 * train_s / total, steps=total))
+                                train_s=train_s, step_ms=1e3 * train_s / total,
+                                step_cpu_ms=float("nan"), steps=total))
 
     # Seed by seed, alternating the methods (as the Rust demo does).
     for seed in seeds:
@@ -277,11 +278,11 @@ def main():
             ], weight_decay=args.weight_decay)
             total = math.ceil(len(train_ids) / args.batch) * args.epochs
             sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_decay(total))
-            step_time, steps, seen, ema = 0.0, 0, 0, None
+            step_time, step_cpu, steps, seen, ema = 0.0, 0.0, 0, 0, None
             start = time.time()
             for epoch in range(args.epochs):
                 for b in epoch_batches(train_lens, args.batch, seed, epoch):
-                    t = time.time()
+                    t, cpu = time.time(), time.process_time()
                     ids, mask = pad(train_ids, b)
                     y = torch.tensor([train_y[i] for i in b])
                     loss = F.cross_entropy(head(embed(model, ids, mask)), y)
@@ -290,6 +291,7 @@ def main():
                     opt.step()
                     sched.step()
                     step_time += time.time() - t
+                    step_cpu += time.process_time() - cpu
                     steps += 1
                     seen += len(b)
                     ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
@@ -301,13 +303,15 @@ def main():
             train_s = time.time() - start
             acc = evaluate(model, head)
             print(f"{label:>10} seed {seed}: accuracy {acc:.2f}%, {train_s:.0f} s, "
-                  f"{1e3 * step_time / steps:.0f} ms/step")
+                  f"{1e3 * step_time / steps:.0f} ms/step ({1e3 * step_cpu / steps:.0f} ms CPU)")
             results.append(dict(method=label, seed=seed, adapter_params=n_adapter, accuracy=acc,
-                                train_s=train_s, step_ms=1e3 * step_time / steps, steps=steps))
+                                train_s=train_s, step_ms=1e3 * step_time / steps,
+                                step_cpu_ms=1e3 * step_cpu / steps, steps=steps))
 
     print()
-    print(f"| method | adapter params | {args.eval} acc % (mean ± std) | per seed | train s/run | step ms |")
-    print("|---|---:|---:|---|---:|---:|")
+    print(f"| method | adapter params | {args.eval} acc % (mean ± std) | per seed | train s/run | step ms "
+          f"| step CPU ms |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     names = {"head": "head only", "lora": "LoRA", "fourierft": "FourierFT"}
     for method in methods:
         rs = [r for r in results if r["method"] == names[method]]
@@ -321,8 +325,10 @@ def main():
         per_seed = " / ".join(f"{a:.1f}" for a in accs)
         train_s = statistics.mean(r["train_s"] for r in rs)
         step_ms = statistics.mean(r["step_ms"] for r in rs)
+        cpu = statistics.mean(r["step_cpu_ms"] for r in rs)
+        cpu = "–" if math.isnan(cpu) else f"{cpu:.0f}"
         print(f"| {name} (PEFT) | {rs[0]['adapter_params']} | {mean:.2f} ± {std:.2f} | {per_seed} "
-              f"| {train_s:.1f} | {step_ms:.0f} |")
+              f"| {train_s:.1f} | {step_ms:.0f} | {cpu} |")
     print(f"\nsettings: FourierFT n={args.n} scaling={args.scaling} init={args.fourier_init} "
           f"random_loc_seed={args.random_loc_seed} lr_c={args.lr_fourier}; LoRA r={args.lora_r} "
           f"alpha={args.lora_alpha} lr={args.lr_lora}; head lr={args.lr_head} (head only: "

@@ -10,9 +10,10 @@
 mod bert;
 
 use anyhow::Result;
-use bert::{Adapter, AttentionImpl, Encoder};
+use bert::{Adapter, Encoder};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const FILES: [&str; 4] = [
@@ -43,7 +44,11 @@ fn assets() -> Option<PathBuf> {
     if std::env::var("FOURIERFT_REQUIRE_ASSETS").as_deref() == Ok("1") {
         panic!("{msg} (FOURIERFT_REQUIRE_ASSETS=1)");
     }
-    eprintln!("SKIPPED: {msg}; set FOURIERFT_REQUIRE_ASSETS=1 to fail instead");
+    // Straight to stderr (not eprintln!, which the test harness captures) so the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {msg}; set FOURIERFT_REQUIRE_ASSETS=1 to fail instead"
+    );
     None
 }
 
@@ -109,27 +114,18 @@ fn encoder_matches_candle_transformers_bert() -> Result<()> {
         Adapter::FourierFT(Box::new(fourier)),
         Adapter::Lora(lora),
     ] {
-        let mut enc = Encoder::from_dir(&dir, &adapter)?;
-        for attention in [AttentionImpl::Fused, AttentionImpl::Composed] {
-            enc.attention = attention;
-            let got = enc.forward(&ids, &mask)?;
-            // Hidden states at real tokens (padding positions are never used).
-            for (b, &len) in lens.iter().enumerate() {
-                let d = max_abs_diff(
-                    &got.get(b)?.narrow(0, 0, len)?,
-                    &want.get(b)?.narrow(0, 0, len)?,
-                )?;
-                assert!(
-                    d < 2e-4,
-                    "{adapter:?} {attention:?}: sentence {b} differs by {d}"
-                );
-            }
-            let d = max_abs_diff(&bert::mean_pool(&got, &mask)?, &want_pooled)?;
-            assert!(
-                d < 1e-4,
-                "{adapter:?} {attention:?}: pooled embeddings differ by {d}"
-            );
+        let enc = Encoder::from_dir(&dir, &adapter)?;
+        let got = enc.forward(&ids, &mask)?;
+        // Hidden states at real tokens (padding positions are never used).
+        for (b, &len) in lens.iter().enumerate() {
+            let d = max_abs_diff(
+                &got.get(b)?.narrow(0, 0, len)?,
+                &want.get(b)?.narrow(0, 0, len)?,
+            )?;
+            assert!(d < 2e-4, "{adapter:?}: sentence {b} differs by {d}");
         }
+        let d = max_abs_diff(&bert::mean_pool(&got, &mask)?, &want_pooled)?;
+        assert!(d < 1e-4, "{adapter:?}: pooled embeddings differ by {d}");
     }
     // Sanity: the embeddings separate the sentences (cosine of a positive and a negative review).
     let e = want_pooled.to_vec2::<f32>()?;
@@ -294,41 +290,5 @@ fn gelu_op_matches_candle_gelu_erf() -> Result<()> {
     assert!(max_abs_diff(&y1, &y2)? < 2e-6);
     let d = max_abs_diff(&grad_of(&x, &y1, &r)?, &grad_of(&x, &y2, &r)?)?;
     assert!(d < 1e-4, "gelu gradient differs by {d}");
-    Ok(())
-}
-
-#[test]
-fn fused_attention_matches_composed() -> Result<()> {
-    let dev = Device::Cpu;
-    let (b, s, h, heads) = (3usize, 11usize, 48usize, 4usize);
-    let lens = [11usize, 7, 1];
-    let mut m = vec![0f32; b * s];
-    for (i, &l) in lens.iter().enumerate() {
-        m[i * s..i * s + l].fill(1.0);
-    }
-    let mask = Tensor::from_vec(m, (b, s), &dev)?;
-    let var = || -> Result<Var> {
-        Ok(Var::from_tensor(&Tensor::randn(
-            0f32,
-            1.5,
-            (b, s, h),
-            &dev,
-        )?)?)
-    };
-    let (q, k, v) = (var()?, var()?, var()?);
-    let r = Tensor::randn(0f32, 1.0, (b, s, h), &dev)?;
-    let fused = bert::attention(&q, &k, &v, heads, &lens)?;
-    let composed = bert::attention_composed(&q, &k, &v, heads, &mask)?;
-    assert!(max_abs_diff(&fused, &composed)? < 1e-5);
-    let g1 = (&fused * &r)?.sum_all()?.backward()?;
-    let g2 = (&composed * &r)?.sum_all()?.backward()?;
-    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-        let (a, c) = (
-            g1.get(x.as_tensor()).unwrap(),
-            g2.get(x.as_tensor()).unwrap(),
-        );
-        let d = max_abs_diff(a, c)?;
-        assert!(d < 1e-5, "d{name} differs by {d}");
-    }
     Ok(())
 }
