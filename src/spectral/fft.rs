@@ -27,7 +27,7 @@ fn block_rows(d1: usize, half: usize) -> usize {
     by_threads.clamp(1, 64).min(by_cache)
 }
 
-fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
+pub(super) fn check_len(what: &str, found: usize, expected: usize) -> Result<()> {
     if found != expected {
         return Err(Error::Shape {
             what: what.to_string(),

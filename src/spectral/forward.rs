@@ -13,6 +13,7 @@
 //! `w[v] = Σ_{l: v_l = v} c_l Ĝ[u_l]`, and `dL/dc_l = alpha/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
 //! Tokens are processed in parallel blocks; plans and scratch are reused across calls.
 
+use super::fft::check_len;
 use super::hermitian::{add_hermitian, fix_real_bins, plus_dft_at};
 use super::{phase, plans};
 use crate::entries::SpectralEntries;
@@ -60,7 +61,7 @@ pub fn forward(
     x: &[f32],
 ) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
-    check_coeffs(entries, coeffs)?;
+    check_len("spectral coefficients", coeffs.len(), entries.len())?;
     let tokens = check("input of the spectral forward", x.len(), d2)?;
     let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
     let (r2c, c2r) = (plans::real_forward(d2), plans::real_inverse(d1));
@@ -114,7 +115,7 @@ pub fn backward(
     need_dx: bool,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     let (d1, d2) = entries.shape();
-    check_coeffs(entries, coeffs)?;
+    check_len("spectral coefficients", coeffs.len(), entries.len())?;
     let tokens = check("input of the spectral forward", x.len(), d2)?;
     let g_tokens = check("gradient of the spectral forward", g.len(), d1)?;
     if g_tokens != tokens {
@@ -205,17 +206,6 @@ pub fn backward(
     }
     dc.iter_mut().for_each(|v| *v *= s);
     Ok((need_dx.then_some(dx), dc))
-}
-
-fn check_coeffs(entries: &SpectralEntries, coeffs: &[f32]) -> Result<()> {
-    if coeffs.len() != entries.len() {
-        return Err(Error::Shape {
-            what: "spectral coefficients".into(),
-            expected: format!("[{}]", entries.len()),
-            found: format!("[{}]", coeffs.len()),
-        });
-    }
-    Ok(())
 }
 
 /// `c_l · alpha/(d1·d2) · extra`.
