@@ -3,7 +3,7 @@
 use crate::config::FourierFTConfig;
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
-use crate::ops::{add_to_frozen, frozen_linear, spectral_linear, DeltaWeight};
+use crate::ops::{add_to_frozen, fourier_linear, frozen_linear, spectral_linear, DeltaWeight};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder};
 use rand::SeedableRng;
@@ -545,13 +545,19 @@ impl FourierLinear {
         } else if ForwardMode::resolve_all(st.mode, &active, tokens, x.device())
             == ForwardMode::Dense
         {
-            // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.
-            let w = self.weight_out_in(&self.effective_weight(&st)?)?;
-            let mut y = x2.matmul(&w.t()?)?;
-            if let Some(b) = &st.bias {
-                y = y.broadcast_add(b)?;
+            if let [a] = active[..] {
+                let w = self.weight_out_in(&st.weight)?;
+                let (c, alpha) = (a.spectrum.as_tensor(), a.scaling);
+                fourier_linear(&x2, &w, st.bias.as_ref(), a.entries(), c, alpha)?
+            } else {
+                // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.
+                let w = self.weight_out_in(&self.effective_weight(&st)?)?;
+                let mut y = x2.matmul(&w.t()?)?;
+                if let Some(b) = &st.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                y
             }
-            y
         } else {
             let mut y = self.base_forward(&st, &x2)?;
             for a in active {

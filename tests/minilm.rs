@@ -292,3 +292,27 @@ fn gelu_op_matches_candle_gelu_erf() -> Result<()> {
     assert!(d < 1e-4, "gelu gradient differs by {d}");
     Ok(())
 }
+
+#[test]
+fn attention_op_matches_composed() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, s, h, heads) = (3, 17, 48, 4);
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.5, (b, s, h), &dev)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.5, (b, s, h), &dev)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev)?)?;
+    // Rows of 17, 9 and 1 tokens: padding masked out, down to a single key.
+    let mask: Vec<f32> = [17usize, 9, 1]
+        .iter()
+        .flat_map(|&len| (0..s).map(move |j| if j < len { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, s), &dev)?;
+    let r = Tensor::randn(0f32, 1.0, (b, s, h), &dev)?;
+    let y1 = bert::attention(&q, &k, &v, heads, &mask)?;
+    let y2 = bert::attention_composed(&q, &k, &v, heads, &mask)?;
+    assert!(max_abs_diff(&y1, &y2)? < 1e-5);
+    for x in [&q, &k, &v] {
+        let d = max_abs_diff(&grad_of(x, &y1, &r)?, &grad_of(x, &y2, &r)?)?;
+        assert!(d < 1e-4, "attention gradient differs by {d}");
+    }
+    Ok(())
+}

@@ -10,9 +10,11 @@
 //!   no backward; the composed one, [`LayerNorm::forward_composed`], is many passes);
 //! - GELU (erf form) is a custom op with a one-pass backward (candle's `gelu_erf` forward alone
 //!   is 3.5× slower, and its backward is ten passes);
-//! - attention is candle ops with `candle_nn::ops::softmax` (differentiable, unlike
-//!   `softmax_last_dim`) and an additive mask ([`attention`]); a fused custom attention op with
-//!   a hand-written backward was tried and was slower than candle's batched matmuls;
+//! - attention is one custom op per layer ([`attention`]): per sequence and head, small GEMMs
+//!   (the `gemm` crate, on strided views of the `(b, s, h)` tensors, so no head split or merge
+//!   copies) around a fused masked softmax, with a hand-written backward from the saved
+//!   probabilities; sequences run in parallel. [`attention_composed`] is the same from candle
+//!   ops (with `candle_nn::ops::softmax`), for the tests;
 //! - the sentence embedding is the mask-weighted mean of the last hidden states.
 //!
 //! Query and value are [`Proj::Fourier`], [`Proj::Lora`] (a minimal LoRA, the baseline) or
@@ -347,6 +349,41 @@ mod simd {
         }
     }
 
+    /// One row of [`super::MaskedSoftmax`].
+    #[inline(always)]
+    fn masked_softmax_loop(y: &mut [f32], x: &[f32], mask: &[f32], scale: f32) {
+        let mut max = [f32::NEG_INFINITY; 8];
+        for ((y, &x), &m) in y.iter_mut().zip(x).zip(mask) {
+            *y = x * scale + m;
+        }
+        for (i, &v) in y.iter().enumerate() {
+            max[i % 8] = max[i % 8].max(v);
+        }
+        let max = max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for y in y.iter_mut() {
+            *y = exp_f32(*y - max);
+        }
+        let inv = 1.0 / super::sum8(y.iter().copied());
+        for y in y.iter_mut() {
+            *y *= inv;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn masked_softmax_avx2(y: &mut [f32], x: &[f32], mask: &[f32], scale: f32) {
+        masked_softmax_loop(y, x, mask, scale)
+    }
+
+    pub fn masked_softmax(y: &mut [f32], x: &[f32], mask: &[f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { masked_softmax_avx2(y, x, mask, scale) };
+        }
+        masked_softmax_loop(y, x, mask, scale)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn gelu_avx2(y: &mut [f32], x: &[f32]) {
@@ -390,10 +427,266 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-/// Multi-head self-attention core on `(b, s, h)` tensors from candle ops: heads split into
-/// `(b, heads, s, hd)`, an additive mask and `candle_nn::ops::softmax` (differentiable, unlike
-/// `softmax_last_dim`). `mask` is `(b, s)`, 1 for tokens and 0 for padding.
+/// A strided read-only matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Rows `[.., rows)` × columns `[col, col + cols)` of a row-major matrix with `stride`
+    /// values per row (one head of a `(s, h)` slab, or a whole `(s, s)` matrix).
+    fn block(data: &'a [f32], rows: usize, stride: usize, col: usize, cols: usize) -> Self {
+        Self {
+            data: &data[col..],
+            rows,
+            cols,
+            rs: stride,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// One past the last index the view reads.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// Block `i` of length `len` of `t`.
+fn slab(t: &[f32], i: usize, len: usize) -> &[f32] {
+    &t[i * len..(i + 1) * len]
+}
+
+/// `dst = a·b` on the calling thread, `dst` row-major with `dst_rs` values per row (so it can
+/// be one head's columns of a `(s, h)` slab). Attention's per-head products are small; the op
+/// parallelises over sequences instead.
+fn head_gemm(dst: &mut [f32], dst_rs: usize, a: View, b: View) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && a.extent() <= a.data.len() && b.extent() <= b.data.len());
+    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index the kernel reads inside `a` and `b` and every
+    // index it writes inside `dst`, which is borrowed mutably and so aliases neither.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Multi-head self-attention as one op on `(b, s, h)` query, key and value tensors: per sequence
+/// and head, `P = softmax(Q·Kᵀ/√hd + mask)` and `O = P·V`, written straight into the `(b, s, h)`
+/// output (no head split or merge copies). The backward recomputes nothing: from the saved `P`,
+/// `dV = Pᵀ·dO`, `dS = P∘(dP − Σ dP∘P)/√hd` with `dP = dO·Vᵀ`, `dQ = dS·K`, `dK = dSᵀ·Q`.
+/// Sequences run in parallel. The same attention from candle ops is [`attention_composed`].
+struct Attention {
+    heads: usize,
+    /// Additive key mask `(b, s)`: 0 for tokens, −1e9 for padding.
+    mask: Vec<f32>,
+    /// `P` `(b, heads, s, s)` from the forward, for the backward.
+    probs: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl Attention {
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, s, h) = l.shape().dims3()?;
+        if h % self.heads != 0 || self.mask.len() != b * s {
+            candle_core::bail!(
+                "attention: {:?} with {} heads and a mask of {}",
+                l.dims(),
+                self.heads,
+                self.mask.len()
+            );
+        }
+        Ok((b, s, h, h / self.heads))
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, s, h, hd) = self.dims(ql)?;
+        if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?}",
+                ql.dims(),
+                kl.dims(),
+                vl.dims()
+            );
+        }
+        let (q, k, v) = (
+            cpu_f32(qs, ql, "query")?,
+            cpu_f32(ks, kl, "key")?,
+            cpu_f32(vs, vl, "value")?,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        let heads = self.heads;
+        let mut out = vec![0f32; b * s * h];
+        let mut probs = vec![0f32; b * heads * s * s];
+        out.par_chunks_mut(s * h)
+            .zip(probs.par_chunks_mut(heads * s * s))
+            .enumerate()
+            .for_each(|(bi, (o, p))| {
+                let (q, k, v) = (slab(q, bi, s * h), slab(k, bi, s * h), slab(v, bi, s * h));
+                let mask = &self.mask[bi * s..(bi + 1) * s];
+                let mut scores = vec![0f32; s * s];
+                for (hi, p) in p.chunks_mut(s * s).enumerate() {
+                    let c = hi * hd;
+                    let (qh, kh) = (View::block(q, s, h, c, hd), View::block(k, s, h, c, hd));
+                    head_gemm(&mut scores, s, qh, kh.t());
+                    for (pr, sr) in p.chunks_mut(s).zip(scores.chunks(s)) {
+                        simd::masked_softmax(pr, sr, mask, scale);
+                    }
+                    head_gemm(
+                        &mut o[c..],
+                        h,
+                        View::block(p, s, s, 0, s),
+                        View::block(v, s, h, c, hd),
+                    );
+                }
+            });
+        let _ = self.probs.set(probs);
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, h, hd) = self.dims(q.layout())?;
+        let probs = self
+            .probs
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("attention: backward before forward"))?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let heads = self.heads;
+        let n = b * s * h;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(grad, |g| {
+                        dq.par_chunks_mut(s * h)
+                            .zip(dk.par_chunks_mut(s * h))
+                            .zip(dv.par_chunks_mut(s * h))
+                            .enumerate()
+                            .for_each(|(bi, ((dq, dk), dv))| {
+                                let sl = |t| slab(t, bi, s * h);
+                                let (q, k, v, g) = (sl(q), sl(k), sl(v), sl(g));
+                                let p_all = &probs[bi * heads * s * s..(bi + 1) * heads * s * s];
+                                let mut ds = vec![0f32; s * s];
+                                for (hi, p) in p_all.chunks(s * s).enumerate() {
+                                    let c = hi * hd;
+                                    let pv = View::block(p, s, s, 0, s);
+                                    let gh = View::block(g, s, h, c, hd);
+                                    head_gemm(&mut dv[c..], h, pv.t(), gh);
+                                    head_gemm(&mut ds, s, gh, View::block(v, s, h, c, hd).t());
+                                    for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                                        let dot = sum8(dr.iter().zip(pr).map(|(d, p)| d * p));
+                                        for (d, p) in dr.iter_mut().zip(pr) {
+                                            *d = scale * p * (*d - dot);
+                                        }
+                                    }
+                                    let dsv = View::block(&ds, s, s, 0, s);
+                                    head_gemm(&mut dq[c..], h, dsv, View::block(k, s, h, c, hd));
+                                    head_gemm(
+                                        &mut dk[c..],
+                                        h,
+                                        dsv.t(),
+                                        View::block(q, s, h, c, hd),
+                                    );
+                                }
+                            });
+                        Ok(())
+                    })
+                })
+            })
+        })
+        .map_err(to_candle)?;
+        let t = |d: Vec<f32>| Tensor::from_vec(d, (b, s, h), q.device());
+        Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
+    }
+}
+
+/// Multi-head self-attention core on `(b, s, h)` tensors ([`Attention`], one op). `mask` is
+/// `(b, s)`, 1 for tokens and 0 for padding.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let mask = mask
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|m| (1.0 - m) * -1e9)
+        .collect();
+    let op = Attention {
+        heads,
+        mask,
+        probs: std::sync::OnceLock::new(),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The same attention from candle ops only (`candle_nn::ops::softmax`): for tests.
+pub fn attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -770,6 +1063,8 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// - glibc malloc: keep freed memory instead of returning it to the OS (a training step
 ///   allocates and frees hundreds of MB in buffers of a few MB; returning them costs page faults
 ///   and page zeroing on every step, ~15% of a step in a profile).
+/// - `RAYON_NUM_THREADS` (the logical core count) unless set: candle reads it on every matmul,
+///   and without it re-counts the cores from /proc/cpuinfo each time.
 /// - `CANDLE_NUM_THREADS=1` unless set: candle's elementwise ops then run on the calling thread
 ///   instead of a spinning barrier pool (which burns CPU time when cores are shared); matrix
 ///   products still use all cores (`RAYON_NUM_THREADS`), as do this module's custom ops.
@@ -780,6 +1075,12 @@ pub fn tune_runtime() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+    // candle's matmul asks for its thread count on every call and, without this variable,
+    // counts the physical cores by reading /proc/cpuinfo each time.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -5,9 +5,10 @@
 //! step. Here the value is computed outside the graph and re-attached to the trainable operand
 //! by an op whose backward sends the gradient to that operand only.
 
-use crate::error::Result;
+use super::gemm::{self, Mat};
+use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// How the gradient of the attached value maps to the trainable operand.
 enum GradMap {
@@ -89,6 +90,10 @@ impl CustomOp2 for AttachGrad {
 /// ```
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let weight = weight.detach();
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.map_or(true, cpu_f32) {
+        return frozen_linear_cpu(x, &weight, bias);
+    }
     let mut y = x.detach().matmul(&weight.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(&b.detach())?;
@@ -126,6 +131,121 @@ pub fn add_to_frozen(delta: &Tensor, frozen: &Tensor) -> Result<Tensor> {
         return Ok(sum);
     }
     attach(delta, sum, GradMap::Identity)
+}
+
+/// `x·Wᵀ + b` on CPU in f32 as one op: the bias is the GEMM's initial output, so the result is
+/// written once (no broadcast pass, no copy).
+struct FrozenLinearCpu;
+
+impl FrozenLinearCpu {
+    fn run(
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "input of a frozen linear layer";
+        let data = super::f32_slice(what, x.0, x.1)?;
+        let [tokens, inp] = *x.1.dims() else {
+            return Err(Error::Shape {
+                what: what.into(),
+                expected: "(tokens, in)".into(),
+                found: crate::error::dims_str(x.1.dims()),
+            });
+        };
+        let x = Mat::new(what, data, tokens, inp)?;
+        let w = Mat::from_layout("frozen weight", w.0.as_slice::<f32>()?, w.1)?;
+        let bias = match b {
+            Some((s, l)) => Some(super::f32_slice("frozen bias", s, l)?),
+            None => None,
+        };
+        let y = gemm::linear(x, w, bias)?;
+        Ok((CpuStorage::F32(y), Shape::from((tokens, w.rows()))))
+    }
+
+    fn bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        x.track_op().then(|| grad.matmul(w)).transpose()
+    }
+}
+
+impl CustomOp2 for FrozenLinearCpu {
+    fn name(&self) -> &'static str {
+        "fourierft-frozen-linear-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((xs, xl), (ws, wl), None).map_err(Error::into_candle)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Self::bwd(x, w, grad)?, None))
+    }
+}
+
+impl CustomOp3 for FrozenLinearCpu {
+    fn name(&self) -> &'static str {
+        "fourierft-frozen-linear-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run((xs, xl), (ws, wl), Some((bs, bl))).map_err(Error::into_candle)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Self::bwd(x, w, grad)?, None, None))
+    }
+}
+
+fn frozen_linear_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (_, inp) = x.dims2()?;
+    let (out, w_in) = weight.dims2()?;
+    if w_in != inp || bias.is_some_and(|b| b.dims() != [out]) {
+        return Err(Error::Shape {
+            what: "frozen linear layer".into(),
+            expected: format!("input (tokens, {w_in}) and bias [{out}]"),
+            found: format!(
+                "input {} and bias {}",
+                crate::error::dims_str(x.dims()),
+                bias.map_or("none".into(), |b| crate::error::dims_str(b.dims()))
+            ),
+        });
+    }
+    let x = x.contiguous()?;
+    let y = match (bias, x.track_op()) {
+        (Some(b), true) => x.apply_op3(weight, &b.detach().contiguous()?, FrozenLinearCpu)?,
+        (Some(b), false) => {
+            x.apply_op3_no_bwd(weight, &b.detach().contiguous()?, &FrozenLinearCpu)?
+        }
+        (None, true) => x.apply_op2(weight, FrozenLinearCpu)?,
+        (None, false) => x.apply_op2_no_bwd(weight, &FrozenLinearCpu)?,
+    };
+    Ok(y)
 }
 
 fn attach(operand: &Tensor, value: Tensor, map: GradMap) -> Result<Tensor> {

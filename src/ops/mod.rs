@@ -1,12 +1,16 @@
-//! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the spectral
-//! product `x·ΔWᵀ` that never forms ΔW ([`spectral_linear`]), and operations on a frozen weight
-//! whose backward skips it ([`frozen_linear`], [`add_to_frozen`]).
+//! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the adapted
+//! layer's forward in one op ([`fourier_linear`]), the spectral product `x·ΔWᵀ` that never forms
+//! ΔW ([`spectral_linear`]), and operations on a frozen weight whose backward skips it
+//! ([`frozen_linear`], [`add_to_frozen`]).
 
 mod delta_weight;
+mod fourier_linear;
 mod frozen;
+mod gemm;
 mod spectral_linear;
 
 pub use delta_weight::{delta_weight, DeltaWeight};
+pub use fourier_linear::fourier_linear;
 pub use frozen::{add_to_frozen, frozen_linear};
 pub use spectral_linear::spectral_linear;
 

@@ -1,0 +1,219 @@
+//! f32 matrix products on CPU through the `gemm` crate (the kernels behind candle's CPU matmul),
+//! for the fused ops: they accumulate into a bias-initialised output and read transposed
+//! operands through strides, so no copy, broadcast pass or zero-filled buffer is needed.
+
+use crate::error::{Error, Result};
+use candle_core::Layout;
+
+/// A read-only strided view of a row-major buffer: element `(i, j)` is
+/// `data[i·row_stride + j·col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A contiguous `rows × cols` matrix.
+    pub(crate) fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::strided(what, data, rows, cols, cols, 1)
+    }
+
+    /// A strided view, checked to stay inside `data`.
+    fn strided(
+        what: &str,
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
+        let last = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * row_stride + (cols - 1) * col_stride + 1
+        };
+        if last > data.len() {
+            return Err(Error::Shape {
+                what: what.into(),
+                expected: format!("at least {last} values for a {rows}x{cols} view"),
+                found: format!("{} values", data.len()),
+            });
+        }
+        Ok(Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
+    /// The 2-d tensor described by `layout` over its storage `data`.
+    pub(crate) fn from_layout(what: &str, data: &'a [f32], layout: &Layout) -> Result<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        if dims.len() != 2 {
+            return Err(Error::Shape {
+                what: what.into(),
+                expected: "a matrix".into(),
+                found: crate::error::dims_str(dims),
+            });
+        }
+        let data = data.get(layout.start_offset()..).unwrap_or_default();
+        Self::strided(what, data, dims[0], dims[1], stride[0], stride[1])
+    }
+
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The transpose (a view; nothing is copied).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `dst = a·b` (or `dst += a·b` with `accumulate`), `dst` row-major `a.rows × b.cols`, on
+/// rayon's threads. The crate's one `unsafe` block: the `gemm` crate's entry point
+/// takes raw pointers and strides.
+#[allow(unsafe_code)]
+pub(crate) fn matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || dst.len() != m * n {
+        return Err(Error::Shape {
+            what: "matrix product".into(),
+            expected: format!("({m}, {k}) · ({k}, {n}) into {} values", m * n),
+            found: format!("({m}, {k}) · ({}, {n}) into {}", b.rows, dst.len()),
+        });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    // rayon's pool size: candle's `get_num_threads` would re-read /proc/cpuinfo on every call
+    // unless RAYON_NUM_THREADS is set.
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index the kernel touches, (i, j) < (m, n) in dst and the views' extents in
+    // a and b, was checked above against the slice lengths; dst is borrowed mutably and does
+    // not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// `x·wᵀ + bias` for `x` `(tokens, in)` and `w` `(out, in)`: the bias is written first and the
+/// product accumulated onto it.
+pub(crate) fn linear(x: Mat, w: Mat, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let (tokens, out) = (x.rows, w.rows);
+    let mut y = match bias {
+        Some(b) if b.len() == out => b.repeat(tokens),
+        Some(b) => {
+            return Err(Error::Shape {
+                what: "bias".into(),
+                expected: format!("[{out}]"),
+                found: format!("[{}]", b.len()),
+            })
+        }
+        None => vec![0f32; tokens * out],
+    };
+    matmul_into(&mut y, x, w.t(), bias.is_some())?;
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn products_with_transposed_views_and_bias() -> Result<()> {
+        let (m, k, n) = (7, 5, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want = naive(&a, &b, m, k, n);
+        let mut got = vec![0f32; m * n];
+        matmul_into(
+            &mut got,
+            Mat::new("a", &a, m, k)?,
+            Mat::new("b", &b, k, n)?,
+            false,
+        )?;
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5));
+        // (bᵀ)ᵀ through a view: the linear layer's form, with a bias.
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let bias = [1.0f32, -2.0, 0.5];
+        let y = linear(
+            Mat::new("x", &a, m, k)?,
+            Mat::new("w", &bt, n, k)?,
+            Some(&bias),
+        )?;
+        for (i, (g, w)) in y.iter().zip(&want).enumerate() {
+            assert!((g - (w + bias[i % n])).abs() < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn out_of_bounds_views_are_errors() {
+        assert!(Mat::new("short", &[0.0; 5], 2, 3).is_err());
+        let mut dst = vec![0f32; 4];
+        let a = [0f32; 6];
+        let r = matmul_into(
+            &mut dst,
+            Mat::new("a", &a, 2, 3).unwrap(),
+            Mat::new("b", &a, 2, 3).unwrap(),
+            false,
+        );
+        assert!(r.is_err());
+    }
+}
