@@ -13,6 +13,7 @@ use anyhow::Result;
 use bert::{Adapter, Encoder};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -314,5 +315,48 @@ fn attention_op_matches_composed() -> Result<()> {
         let d = max_abs_diff(&grad_of(x, &y1, &r)?, &grad_of(x, &y2, &r)?)?;
         assert!(d < 1e-4, "attention gradient differs by {d}");
     }
+    Ok(())
+}
+
+#[test]
+fn fused_sublayer_ops_match_composed() -> Result<()> {
+    let dev = Device::Cpu;
+    let (t, h, f) = (37, 24, 40);
+    let tensors = |names: &[(&str, Tensor)]| -> HashMap<String, Tensor> {
+        names
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect()
+    };
+    let vb = |m: HashMap<String, Tensor>| VarBuilder::from_tensors(m, DType::F32, &dev);
+    let proj_up = bert::FrozenLinear::new(
+        Tensor::randn(0f32, 0.3, (f, h), &dev)?,
+        Some(Tensor::randn(0f32, 0.3, f, &dev)?),
+    );
+    let proj_down = bert::FrozenLinear::new(
+        Tensor::randn(0f32, 0.3, (h, f), &dev)?,
+        Some(Tensor::randn(0f32, 0.3, h, &dev)?),
+    );
+    let norm = bert::LayerNorm::load(
+        h,
+        1e-12,
+        vb(tensors(&[
+            ("weight", (Tensor::randn(0f32, 0.2, h, &dev)? + 1.0)?),
+            ("bias", Tensor::randn(0f32, 0.2, h, &dev)?),
+        ])),
+    )?;
+    let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, t, h), &dev)?)?;
+    let r = Tensor::randn(0f32, 1.0, (2, t, h), &dev)?;
+
+    // gelu(a·W1ᵀ + b1), then LN(act·W2ᵀ + b2 + a): fused vs candle ops.
+    let act1 = bert::linear_gelu(&proj_up, &a)?;
+    let act2 = bert::gelu(&proj_up.forward(&a)?)?;
+    assert!(max_abs_diff(&act1, &act2)? < 1e-5);
+    let y1 = bert::residual_norm(&proj_down, &norm, &act1, &a)?;
+    let y2 = norm.forward_composed(&(proj_down.forward(&act2)? + a.as_tensor())?)?;
+    assert!(max_abs_diff(&y1, &y2)? < 1e-4);
+    let (g1, g2) = (grad_of(&a, &y1, &r)?, grad_of(&a, &y2, &r)?);
+    let d = max_abs_diff(&g1, &g2)?;
+    assert!(d < 1e-4, "fused sub-layer gradient differs by {d}");
     Ok(())
 }

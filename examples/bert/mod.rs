@@ -1,20 +1,20 @@
 //! A small BERT encoder for the sentiment demo and its tests: MiniLM-L6 (all-MiniLM-L6-v2) from
 //! its safetensors, with trainable adapters on the attention's query and value projections.
 //!
-//! Built for training on CPU with candle 0.11 (DESIGN.md §3), where every pass over memory and
-//! every weight-sized GEMM shows in the step time:
-//! - every frozen linear layer (key, attention output, FFN, and LoRA's base) goes through
-//!   `fourierft::ops::frozen_linear`, whose backward computes dL/dx only, never a gradient for
-//!   the frozen weight; FourierFT layers are `fourierft::linear` (same frozen base);
-//! - layer norm is hand-written: a custom op with its backward (candle's fused `LayerNorm` has
-//!   no backward; the composed one, [`LayerNorm::forward_composed`], is many passes);
-//! - GELU (erf form) is a custom op with a one-pass backward (candle's `gelu_erf` forward alone
-//!   is 3.5× slower, and its backward is ten passes);
-//! - attention is one custom op per layer ([`attention`]): per sequence and head, small GEMMs
-//!   (the `gemm` crate, on strided views of the `(b, s, h)` tensors, so no head split or merge
-//!   copies) around a fused masked softmax, with a hand-written backward from the saved
-//!   probabilities; sequences run in parallel. [`attention_composed`] is the same from candle
-//!   ops (with `candle_nn::ops::softmax`), for the tests;
+//! Built for training on CPU with candle 0.11 (DESIGN.md §3), where every pass over memory, every
+//! graph node (candle zero-fills and accumulates a gradient buffer per node) and every
+//! weight-sized GEMM shows in the step time. Per layer the graph has seven nodes:
+//! - query and value ([`Proj`]), and the key through `fourierft::ops::frozen_linear`, whose
+//!   backward computes dL/dx only, never a gradient for the frozen weight;
+//! - attention as one custom op ([`attention`]): per sequence and head, small GEMMs (the `gemm`
+//!   crate, on strided views of the `(b, s, h)` tensors, so no head split or merge copies)
+//!   around a fused masked softmax, with a hand-written backward from the saved probabilities;
+//!   sequences run in parallel ([`attention_composed`] is the same from candle ops, for tests);
+//! - attention output + residual + layer norm as one op ([`residual_norm`]), the FFN's first
+//!   projection + GELU (erf form) as one op ([`linear_gelu`]), and FFN output + residual + layer
+//!   norm ([`residual_norm`] again), each with a hand-written backward (candle's fused
+//!   `LayerNorm` has no backward; [`LayerNorm::forward_composed`] and [`gelu`] are the
+//!   single-step versions the tests compare with);
 //! - the sentence embedding is the mask-weighted mean of the last hidden states.
 //!
 //! Query and value are [`Proj::Fourier`], [`Proj::Lora`] (a minimal LoRA, the baseline) or
@@ -203,15 +203,10 @@ fn sum8(it: impl Iterator<Item = f32>) -> f32 {
 /// Rows per rayon task: small tensors stay on one thread.
 const ROWS_PER_TASK: usize = 64;
 
-impl CustomOp1 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, "layer-norm")?;
+impl LayerNorm {
+    /// `y = LN(x)` over rows of the layer's width, in parallel.
+    fn forward_rows(&self, y: &mut [f32], x: &[f32]) {
         let n = self.weight.len();
-        let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(yc, xc)| {
@@ -222,30 +217,47 @@ impl CustomOp1 for LayerNorm {
                     }
                 }
             });
+    }
+
+    /// `dx = dL/dx` from the input `x` and `g = dL/dy`, over rows, in parallel.
+    fn backward_rows(&self, dx: &mut [f32], x: &[f32], g: &[f32]) {
+        let n = self.weight.len();
+        dx.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(x.par_chunks(n * ROWS_PER_TASK))
+            .zip(g.par_chunks(n * ROWS_PER_TASK))
+            .for_each(|((dc, xc), gc)| {
+                for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let w = &self.weight;
+                    let sg = sum8((0..n).map(|i| gr[i] * w[i]));
+                    let sgx = sum8((0..n).map(|i| gr[i] * w[i] * (xr[i] - mean) * rstd));
+                    let (mg, mgx) = (sg / n as f32, sgx / n as f32);
+                    for i in 0..n {
+                        let xh = (xr[i] - mean) * rstd;
+                        dr[i] = rstd * (gr[i] * w[i] - mg - xh * mgx);
+                    }
+                }
+            });
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "layer-norm")?;
+        let mut y = vec![0f32; x.len()];
+        self.forward_rows(&mut y, x);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let n = self.weight.len();
         let dx = with_f32(x, |x| {
             with_f32(g, |g| {
                 let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(n * ROWS_PER_TASK)
-                    .zip(x.par_chunks(n * ROWS_PER_TASK))
-                    .zip(g.par_chunks(n * ROWS_PER_TASK))
-                    .for_each(|((dc, xc), gc)| {
-                        for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
-                            let (mean, rstd) = row_stats(xr, self.eps);
-                            let w = &self.weight;
-                            let sg = sum8((0..n).map(|i| gr[i] * w[i]));
-                            let sgx = sum8((0..n).map(|i| gr[i] * w[i] * (xr[i] - mean) * rstd));
-                            let (mg, mgx) = (sg / n as f32, sgx / n as f32);
-                            for i in 0..n {
-                                let xh = (xr[i] - mean) * rstd;
-                                dr[i] = rstd * (gr[i] * self.weight[i] - mg - xh * mgx);
-                            }
-                        }
-                    });
+                self.backward_rows(&mut dx, x, g);
                 Ok(dx)
             })
         })
@@ -475,16 +487,21 @@ fn slab(t: &[f32], i: usize, len: usize) -> &[f32] {
     &t[i * len..(i + 1) * len]
 }
 
-/// `dst = a·b` on the calling thread, `dst` row-major with `dst_rs` values per row (so it can
-/// be one head's columns of a `(s, h)` slab). Attention's per-head products are small; the op
-/// parallelises over sequences instead.
-fn head_gemm(dst: &mut [f32], dst_rs: usize, a: View, b: View) {
+/// `dst = a·b` (or `dst += a·b` with `accumulate`), `dst` row-major with `dst_rs` values per
+/// row (so it can be one head's columns of a `(s, h)` slab), on `threads` rayon threads (1: the
+/// calling thread; attention's per-head products are small and parallelise over sequences).
+fn gemm_into(dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && a.extent() <= a.data.len() && b.extent() <= b.data.len());
     assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
     if m == 0 || n == 0 {
         return;
     }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the asserts above keep every index the kernel reads inside `a` and `b` and every
     // index it writes inside `dst`, which is borrowed mutably and so aliases neither.
     unsafe {
@@ -495,21 +512,33 @@ fn head_gemm(dst: &mut [f32], dst_rs: usize, a: View, b: View) {
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            false,
+            accumulate,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
             b.data.as_ptr(),
             b.cs as isize,
             b.rs as isize,
-            0.0,
+            1.0,
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
+}
+
+/// `dst = a·b` on the calling thread.
+fn head_gemm(dst: &mut [f32], dst_rs: usize, a: View, b: View) {
+    gemm_into(dst, dst_rs, a, b, false, 1)
+}
+
+/// `dst += a·b` for contiguous `a` `(m, k)` and `b` given as `b_rows × b_cols` data viewed
+/// transposed or not, on all rayon threads.
+fn par_gemm_acc(dst: &mut [f32], a: &[f32], m: usize, k: usize, b: View) {
+    let a = View::block(a, m, k, 0, k);
+    gemm_into(dst, b.cols, a, b, true, rayon::current_num_threads())
 }
 
 /// Multi-head self-attention as one op on `(b, s, h)` query, key and value tensors: per sequence
@@ -705,6 +734,215 @@ pub fn attention_composed(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, s, h))
+}
+
+/// The bias of a frozen linear layer as a vector of `out` values (zeros without one).
+fn bias_vec(proj: &FrozenLinear, out: usize) -> candle_core::Result<Vec<f32>> {
+    match &proj.bias {
+        Some(b) => b.to_vec1::<f32>(),
+        None => Ok(vec![0f32; out]),
+    }
+}
+
+/// `rows[t] = init[t] + bias` for every row `t` (of `bias.len()` values), in parallel.
+fn rows_plus_bias(init: &[f32], bias: &[f32]) -> Vec<f32> {
+    let n = bias.len();
+    let mut out = vec![0f32; init.len()];
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(init.par_chunks(n * ROWS_PER_TASK))
+        .for_each(|(oc, ic)| {
+            for (or, ir) in oc.chunks_mut(n).zip(ic.chunks(n)) {
+                for ((o, i), b) in or.iter_mut().zip(ir).zip(bias) {
+                    *o = i + b;
+                }
+            }
+        });
+    out
+}
+
+/// `LN(x·Wᵀ + b + r)` — a frozen projection, the residual add and layer norm — as one op (the
+/// attention-output and FFN-output sub-blocks), for `x` `(tokens, in)` and `r` `(tokens, out)`.
+/// The backward, from the saved pre-norm sum `z`: `g_z = LN′(z)ᵀ·g`, `dL/dx = g_z·W`,
+/// `dL/dr = g_z`. As separate nodes (linear, add, norm) candle would also zero-fill and
+/// accumulate a gradient buffer per node.
+struct ResidualNorm {
+    proj: FrozenLinear,
+    norm: LayerNorm,
+    z: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl candle_core::CustomOp2 for ResidualNorm {
+    fn name(&self) -> &'static str {
+        "linear-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, r) = (
+            cpu_f32(xs, xl, "projection input")?,
+            cpu_f32(rs, rl, "residual")?,
+        );
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = r.len() / out;
+        if x.len() != tokens * inp || r.len() != tokens * out {
+            candle_core::bail!(
+                "residual norm: input {:?}, residual {:?}, weight ({out}, {inp})",
+                xl.dims(),
+                rl.dims()
+            );
+        }
+        let mut z = rows_plus_bias(r, &bias_vec(&self.proj, out)?);
+        with_f32(&self.proj.weight, |w| {
+            par_gemm_acc(&mut z, x, tokens, inp, View::block(w, out, inp, 0, inp).t());
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let mut y = vec![0f32; z.len()];
+        self.norm.forward_rows(&mut y, &z);
+        let _ = self.z.set(z);
+        Ok((CpuStorage::F32(y), rl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let z = self
+            .z
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = z.len() / out;
+        let mut gz = vec![0f32; z.len()];
+        with_f32(g, |g| {
+            self.norm.backward_rows(&mut gz, z, g);
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; tokens * inp];
+            with_f32(&self.proj.weight, |w| {
+                par_gemm_acc(&mut dx, &gz, tokens, out, View::block(w, out, inp, 0, inp));
+                Ok(())
+            })
+            .map_err(to_candle)?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dr = if r.track_op() {
+            Some(Tensor::from_vec(gz, r.shape(), r.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dr))
+    }
+}
+
+/// `LN(x·Wᵀ + b + r)` for `x` `(..., in)` and `r` `(..., out)` ([`ResidualNorm`]).
+pub fn residual_norm(
+    proj: &FrozenLinear,
+    norm: &LayerNorm,
+    x: &Tensor,
+    r: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let op = ResidualNorm {
+        proj: proj.clone(),
+        norm: norm.clone(),
+        z: std::sync::OnceLock::new(),
+    };
+    let x2 = x.reshape(((), x.dim(D::Minus1)?))?.contiguous()?;
+    x2.apply_op2(&r.contiguous()?, op)
+}
+
+/// `gelu(x·Wᵀ + b)` — the FFN's first projection and activation — as one op, for `x`
+/// `(tokens, in)`; the backward `dL/dx = (g∘gelu′(p))·W` uses the saved pre-activation `p`.
+struct LinearGelu {
+    proj: FrozenLinear,
+    pre: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl CustomOp1 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "linear-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "linear-gelu input")?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = x.len() / inp;
+        if x.len() != tokens * inp {
+            candle_core::bail!("linear-gelu: input {:?}, weight ({out}, {inp})", l.dims());
+        }
+        let mut pre = rows_plus_bias(&vec![0f32; tokens * out], &bias_vec(&self.proj, out)?);
+        with_f32(&self.proj.weight, |w| {
+            par_gemm_acc(
+                &mut pre,
+                x,
+                tokens,
+                inp,
+                View::block(w, out, inp, 0, inp).t(),
+            );
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let mut y = vec![0f32; pre.len()];
+        y.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(pre.par_chunks(ELEMS_PER_TASK))
+            .for_each(|(yc, pc)| simd::gelu(yc, pc));
+        let _ = self.pre.set(pre);
+        Ok((CpuStorage::F32(y), Shape::from((tokens, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let pre = self
+            .pre
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = pre.len() / out;
+        let mut dpre = vec![0f32; pre.len()];
+        let mut dx = vec![0f32; tokens * inp];
+        with_f32(g, |g| {
+            dpre.par_chunks_mut(ELEMS_PER_TASK)
+                .zip(pre.par_chunks(ELEMS_PER_TASK))
+                .zip(g.par_chunks(ELEMS_PER_TASK))
+                .for_each(|((dc, pc), gc)| simd::gelu_grad(dc, pc, gc));
+            with_f32(&self.proj.weight, |w| {
+                par_gemm_acc(
+                    &mut dx,
+                    &dpre,
+                    tokens,
+                    out,
+                    View::block(w, out, inp, 0, inp),
+                );
+                Ok(())
+            })
+        })
+        .map_err(to_candle)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `gelu(x·Wᵀ + b)` for `x` `(..., in)` ([`LinearGelu`]).
+pub fn linear_gelu(proj: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let op = LinearGelu {
+        proj: proj.clone(),
+        pre: std::sync::OnceLock::new(),
+    };
+    let mut dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    let x2 = x.reshape(((), dims[last]))?.contiguous()?;
+    dims[last] = proj.weight.dim(0)?;
+    x2.apply_op1(op)?.reshape(dims)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -924,10 +1162,9 @@ impl Encoder {
             let k = layer.key.forward(&x)?;
             let v = layer.value.forward(&x)?;
             let ctx = attention(&q, &k, &v, self.heads, mask)?;
-            let a = (layer.attn_out.forward(&ctx)? + &x)?;
-            let a = layer.attn_norm.forward(&a)?;
-            let f = layer.ffn_out.forward(&gelu(&layer.ffn_in.forward(&a)?)?)?;
-            x = layer.ffn_norm.forward(&(f + a)?)?;
+            let a = residual_norm(&layer.attn_out, &layer.attn_norm, &ctx, &x)?;
+            let act = linear_gelu(&layer.ffn_in, &a)?;
+            x = residual_norm(&layer.ffn_out, &layer.ffn_norm, &act, &a)?;
         }
         Ok(x)
     }
