@@ -2,8 +2,9 @@
 //! and the coefficients.
 //!
 //! On CPU in f32, `W0 + ΔW` is built in one fused pass (no ΔW buffer), the bias is the GEMM's
-//! initial output, and the backward forms only `dL/dx = g·(W0 + ΔW)` and `dL/dΔW = gᵀ·x`, the
-//! latter folded straight into `dL/dc` by the pruned transposed FFT. Composed of candle ops the
+//! initial output, and the backward forms only `dL/dx = g·(W0 + ΔW)` (one GEMM) and `dL/dc`
+//! from per-token spectra of `x` and `g` ([`coeff_grad`](crate::spectral::forward::coeff_grad)),
+//! never the `d1×d2` weight gradient `gᵀ·x`. Composed of candle ops the
 //! same layer would also store `W0 + ΔW` and ΔW as graph nodes, add the bias in a separate pass
 //! and run candle's per-node gradient bookkeeping over each of them.
 
@@ -11,7 +12,7 @@ use super::gemm::{self, Mat};
 use super::{add_to_frozen, delta_weight, f32_slice};
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
-use crate::spectral::fft;
+use crate::spectral::{fft, forward};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use std::sync::{Arc, OnceLock};
 
@@ -112,17 +113,21 @@ impl CustomOp2 for FourierLinearGrad {
         let tokens = xl.dims()[0];
         let x = f32_slice("input of a FourierFT layer", xs, xl)?;
         let g = f32_slice("gradient of a FourierFT layer", gs, gl)?;
+        let (x_all, g_all) = (x, g);
         let run = || -> Result<Vec<f32>> {
-            let x = Mat::new("input of a FourierFT layer", x, tokens, d2)?;
             let g = Mat::new("gradient of a FourierFT layer", g, tokens, d1)?;
             let mut packed = vec![0f32; if self.need_dx { tokens * d2 } else { 0 }];
             if self.need_dx {
                 let w = Mat::new("adapted weight", &self.adapted, d1, d2)?;
                 gemm::matmul_into(&mut packed, g, w, false)?;
             }
-            let mut grad_dw = vec![0f32; d1 * d2];
-            gemm::matmul_into(&mut grad_dw, g.t(), x, false)?;
-            packed.extend(fft::delta_weight_grad(&self.entries, &grad_dw, self.alpha)?);
+            // dL/dc straight from per-token spectra: no d1×d2 gradient gᵀ·x.
+            packed.extend(forward::coeff_grad(
+                &self.entries,
+                self.alpha,
+                x_all,
+                g_all,
+            )?);
             Ok(packed)
         };
         let packed = run().map_err(Error::into_candle)?;

@@ -125,6 +125,9 @@ pub fn backward(
             found: format!("({g_tokens}, {d1})"),
         });
     }
+    if !need_dx {
+        return Ok((None, coeff_grad(entries, alpha, x, g)?));
+    }
     let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
     let (r2c_x, r2c_g, c2r) = (
         plans::real_forward(d2),
@@ -206,6 +209,194 @@ pub fn backward(
     }
     dc.iter_mut().for_each(|v| *v *= s);
     Ok((need_dx.then_some(dx), dc))
+}
+
+/// Tokens whose spectra are stored together, frequency-major, in [`coeff_grad`].
+const GRAD_BLOCK: usize = 64;
+
+/// Tokens transformed together before their spectra are transposed into the block.
+const TILE: usize = 8;
+
+/// Sum of `a_i·b_i` with 8 independent accumulators (so that it vectorises).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Stores the spectra of `tl ≤ TILE` tokens, `tile[i·half + w]`, frequency-major into a block:
+/// `re[w·GRAD_BLOCK + t0 + i]`, `im[…]`.
+#[inline(always)]
+fn transpose_tile(
+    tile: &[Complex32],
+    half: usize,
+    tl: usize,
+    re: &mut [f32],
+    im: &mut [f32],
+    t0: usize,
+) {
+    if tl == TILE {
+        // Fixed trip count: TILE loads per bin, one contiguous TILE-wide store each.
+        for w in 0..half {
+            let (r, m) = (
+                &mut re[w * GRAD_BLOCK + t0..w * GRAD_BLOCK + t0 + TILE],
+                &mut im[w * GRAD_BLOCK + t0..w * GRAD_BLOCK + t0 + TILE],
+            );
+            for i in 0..TILE {
+                let z = tile[i * half + w];
+                r[i] = z.re;
+                m[i] = z.im;
+            }
+        }
+    } else {
+        for w in 0..half {
+            for i in 0..tl {
+                let z = tile[i * half + w];
+                re[w * GRAD_BLOCK + t0 + i] = z.re;
+                im[w * GRAD_BLOCK + t0 + i] = z.im;
+            }
+        }
+    }
+}
+
+/// `dL/dc` of `y = x·ΔWᵀ` (and so of any layer whose weight includes ΔW): given `x` `(tokens, d2)`
+/// and `g = dL/dy` `(tokens, d1)`, `dL/dc_l = alpha/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
+///
+/// Two real FFTs per token, then per block of tokens the spectra are stored frequency-major
+/// (real and imaginary parts apart), so each coefficient's sum is two contiguous dot products:
+/// `O(tokens·(d1 log d1 + d2 log d2 + n))`, against `O(tokens·d1·d2)` for the weight gradient
+/// `gᵀ·x` followed by [`delta_weight_grad`](super::fft::delta_weight_grad).
+///
+/// ```
+/// use fourierft::{spectral::{fft, forward}, SpectralEntries};
+/// let e = SpectralEntries::uniform(5, 4, 6, 1)?;
+/// let (x, g) = ([1.0f32, 2.0, -1.0, 0.5], [0.5f32, -1.0, 0.0, 2.0, 1.0]);
+/// let dc = forward::coeff_grad(&e, 10.0, &x, &g)?;
+/// // The same through the weight gradient gᵀ·x.
+/// let gw: Vec<f32> = (0..20).map(|i| g[i / 4] * x[i % 4]).collect();
+/// let want = fft::delta_weight_grad(&e, &gw, 10.0)?;
+/// assert!(dc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4));
+/// # Ok::<(), fourierft::Error>(())
+/// ```
+pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -> Result<Vec<f32>> {
+    let (d1, d2) = entries.shape();
+    let tokens = check("input of the spectral forward", x.len(), d2)?;
+    let g_tokens = check("gradient of the spectral forward", g.len(), d1)?;
+    if g_tokens != tokens {
+        return Err(Error::Shape {
+            what: "gradient of the spectral forward".into(),
+            expected: format!("({tokens}, {d1})"),
+            found: format!("({g_tokens}, {d1})"),
+        });
+    }
+    let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
+    let (r2c_x, r2c_g) = (plans::real_forward(d2), plans::real_forward(d1));
+    let scratch_len = r2c_x.get_scratch_len().max(r2c_g.get_scratch_len());
+    // Per entry: the stored bins of Ĝ and X̃, and the sign of Im·Im in Re(Ĝ[u]·X̃[v]) — realfft
+    // stores e^{−i·} bins, conjugated below the half (see `plus_dft_at`).
+    let fold = |f: usize, d: usize, half: usize| {
+        if f < half {
+            (f, -1f32)
+        } else {
+            (d - f, 1f32)
+        }
+    };
+    let terms: Vec<(usize, usize, f32)> = entries
+        .rows()
+        .iter()
+        .zip(entries.cols())
+        .map(|(&u, &v)| {
+            let ((iu, su), (iv, sv)) = (fold(u as usize, d1, half1), fold(v as usize, d2, half2));
+            (iu, iv, su * sv)
+        })
+        .collect();
+    let n = terms.len();
+    let bt = block_tokens(tokens).max(GRAD_BLOCK.min(tokens));
+    let partial: Vec<Vec<f32>> = x
+        .par_chunks(bt * d2)
+        .zip(g.par_chunks(bt * d1))
+        .map(|(x_blk, g_blk)| {
+            plans::with_buffers(|b| {
+                let plans::Buffers {
+                    scratch,
+                    complex: [xs, gs, _],
+                    real: [xin, gin],
+                } = b;
+                let scratch = plans::sized(scratch, scratch_len);
+                let (xt, gt) = (
+                    plans::sized(xs, TILE * half2),
+                    plans::sized(gs, TILE * half1),
+                );
+                let (xin, gin) = (plans::sized(xin, d2), plans::sized(gin, d1));
+                // Frequency-major spectra of up to GRAD_BLOCK tokens: [bin][token].
+                let mut spec = vec![0f32; 2 * (half1 + half2) * GRAD_BLOCK];
+                let (g_re, rest) = spec.split_at_mut(half1 * GRAD_BLOCK);
+                let (g_im, rest) = rest.split_at_mut(half1 * GRAD_BLOCK);
+                let (x_re, x_im) = rest.split_at_mut(half2 * GRAD_BLOCK);
+                let mut dc = vec![0f32; n];
+                for (x_sub, g_sub) in x_blk
+                    .chunks(GRAD_BLOCK * d2)
+                    .zip(g_blk.chunks(GRAD_BLOCK * d1))
+                {
+                    let len = x_sub.len() / d2;
+                    // FFTs of up to TILE tokens into token-major tiles, then each bin's TILE
+                    // values stored contiguously in the frequency-major block.
+                    for t0 in (0..len).step_by(TILE) {
+                        let tl = TILE.min(len - t0);
+                        for i in 0..tl {
+                            let t = t0 + i;
+                            gin.copy_from_slice(&g_sub[t * d1..(t + 1) * d1]);
+                            r2c_g
+                                .process_with_scratch(
+                                    gin,
+                                    &mut gt[i * half1..(i + 1) * half1],
+                                    scratch,
+                                )
+                                .map_err(plans::fft_error)?;
+                            xin.copy_from_slice(&x_sub[t * d2..(t + 1) * d2]);
+                            r2c_x
+                                .process_with_scratch(
+                                    xin,
+                                    &mut xt[i * half2..(i + 1) * half2],
+                                    scratch,
+                                )
+                                .map_err(plans::fft_error)?;
+                        }
+                        transpose_tile(gt, half1, tl, g_re, g_im, t0);
+                        transpose_tile(xt, half2, tl, x_re, x_im, t0);
+                    }
+                    let row = |w: usize| w * GRAD_BLOCK..w * GRAD_BLOCK + len;
+                    for (d, &(iu, iv, sign)) in dc.iter_mut().zip(&terms) {
+                        let (ru, rv) = (row(iu), row(iv));
+                        *d += dot8(&g_re[ru.clone()], &x_re[rv.clone()])
+                            - sign * dot8(&g_im[ru], &x_im[rv]);
+                    }
+                }
+                Ok::<_, Error>(dc)
+            })
+        })
+        .collect::<Result<_>>()?;
+    let s = phase::scale(alpha, d1, d2) as f32;
+    let mut dc = vec![0f32; n];
+    for p in partial {
+        for (a, b) in dc.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dc.iter_mut().for_each(|v| *v *= s);
+    Ok(dc)
 }
 
 /// `c_l · alpha/(d1·d2) · extra`.
