@@ -19,10 +19,13 @@
 //! - [`entries`]: which spectral positions an adapter trains (PEFT-exact, frequency-biased or
 //!   explicit), shared by layers of the same shape and seed.
 //! - [`spectral`]: the phase convention ([`spectral::phase`]) and the math on plain slices: ΔW by
-//!   a pruned real FFT ([`spectral::fft`]), the O(d log d) per-token product `x·ΔWᵀ`
-//!   ([`spectral::forward`]), and the tensor-op path for CUDA/Metal ([`spectral::portable`]).
-//! - [`ops`]: those as candle operations with autograd, plus a frozen-weight linear op whose
-//!   backward skips the weight gradient.
+//!   a pruned real FFT ([`spectral::fft`]), the O(d log d) per-token product `x·ΔWᵀ` and the
+//!   coefficient gradient from per-token spectra ([`spectral::forward`]), and the tensor-op path
+//!   for CUDA/Metal ([`spectral::portable`]).
+//! - [`ops`]: those as candle operations with autograd — including the adapted layer's training
+//!   forward `x·(W0 + ΔW)ᵀ + b` as one op ([`ops::fourier_linear`]), whose backward forms no
+//!   `d1×d2` weight gradient — plus a frozen-weight linear op whose backward skips the weight
+//!   gradient.
 //! - [`layer`]: [`FourierLinear`], a frozen `Linear` plus named adapters, with merge/unmerge,
 //!   [`ForwardMode`] and mixed-adapter batches; [`linear`] builds one from a `VarBuilder`.
 //! - [`peft`]: PEFT's adapter directories (config matching, load, save, merge).
@@ -58,7 +61,8 @@
 //! # Cargo features
 //!
 //! `cuda`, `metal`, `mkl`, `accelerate` forward to candle; `cli` builds the `fourierft` binary
-//! (merge and inspect adapter directories).
+//! (merge and inspect adapter directories); `avx512` enables the `gemm` crate's AVX-512 kernels
+//! (chosen at run time on CPUs that have them) for candle's matmul and the fused ops.
 //!
 //! [candle]: https://github.com/huggingface/candle
 #![deny(unsafe_code)]
