@@ -14,7 +14,7 @@
 //! Timing: "step ms" is the wall time of a training step (batch building, forward, backward,
 //! AdamW), "step CPU ms" the CPU time of the process over it (all threads) — the work, which
 //! other load on a shared machine disturbs less. `bert::tune_runtime` sets glibc malloc to keep
-//! freed memory and `CANDLE_NUM_THREADS=1` (unless set) at start; see there.
+//! freed memory, `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS=1` (unless set) at start; see there.
 
 mod bert;
 
