@@ -1,19 +1,21 @@
 //! ΔW and its gradient on CPU with a pruned real inverse FFT (rustfft + realfft, f32).
 //!
 //! Neither direction allocates a dense complex `d1×d2` spectrum, as `ifft2` on a dense spectrum
-//! would. With `m ≤ min(n, d2)` distinct columns among the entries:
+//! would. With `C_v[j] = Σ_{l: v_l = v} c_l e^{+2πi u_l j/d1}` for each column `v`:
 //!
-//! 1. one complex inverse FFT of length `d1` per distinct column `v`:
-//!    `C_v[j] = Σ_{l: v_l = v} c_l e^{+2πi u_l j/d1}` (`m·d1` complex values);
-//! 2. per row `j`, the Hermitian half-spectrum `h[w] = (C_w[j] + conj(C_{(d2−w) mod d2}[j]))/2`,
-//!    `w ≤ d2/2`, and one complex-to-real inverse FFT of length `d2` gives the row
-//!    `Re Σ_v C_v[j] e^{+2πi v k/d2}`.
+//! 1. for each half-spectrum bin `w ≤ d2/2` that an entry reaches (directly, `v_l = w`, or by
+//!    symmetry, `v_l = d2 − w`), one complex inverse FFT of length `d1` gives
+//!    `H_w[j] = (C_w[j] + conj(C_{(d2−w) mod d2}[j]))/2` — the mirrored column enters at rows
+//!    `(d1 − u_l) mod d1`, as the coefficients are real — so at most `d2/2 + 1` transforms;
+//! 2. per row `j` (the top half only: ΔW is even), the half-spectrum `h[w] = H_w[j]` and one
+//!    complex-to-real inverse FFT of length `d2` give the row `Re Σ_v C_v[j] e^{+2πi v k/d2}`.
 //!
 //! The gradient runs the same steps transposed: a real forward FFT per row of `dL/dΔW`, a gather
-//! at the `m` columns, one complex inverse FFT of length `d1` per column, a gather at the entries.
+//! at the `m` distinct columns, one complex inverse FFT of length `d1` per column, a gather at the
+//! entries.
 //! Rows are processed in parallel blocks (rayon); plans and scratch are reused across calls.
 
-use super::hermitian::{add_hermitian, fix_real_bins, plus_dft_at};
+use super::hermitian::{fix_real_bins, plus_dft_at};
 use super::{phase, plans};
 use crate::entries::SpectralEntries;
 use crate::error::{Error, Result};
@@ -89,26 +91,54 @@ fn delta_weight_onto(
     let (d1, d2) = entries.shape();
     let groups = entries.column_groups();
     let rows = entries.rows();
-    let m = groups.columns.len();
     let half = d2 / 2 + 1;
     // The 1/2 of the Hermitian split is folded into the coefficients.
     let s = (phase::scale(alpha, d1, d2) * 0.5) as f32;
 
-    // Step 1: C_v for each distinct column, stored column-major [m][d1].
-    let inv_d1 = plans::complex_inverse(d1);
-    let mut cols = plans::pooled(m * d1);
-    cols.par_chunks_mut(d1).enumerate().for_each(|(g, col)| {
-        for &l in &groups.entries[groups.offsets[g]..groups.offsets[g + 1]] {
-            col[rows[l as usize] as usize].re += coeffs[l as usize] * s;
+    // Step 1: per half-spectrum bin w ≤ d2/2 that any entry reaches, the row signal
+    // H_w[j] = C_w[j] + conj(C_{d2−w}[j]) (zero for the other bins) by one complex inverse FFT of
+    // length d1: column d2−w enters at the mirrored rows (d1 − u) mod d1 (the coefficients are
+    // real). Stored bin-major [bins][d1]; at most d2/2 + 1 transforms however many columns.
+    let mut bins: Vec<(usize, Vec<(usize, bool)>)> = Vec::new();
+    {
+        let mut by_bin: Vec<Vec<(usize, bool)>> = vec![Vec::new(); half];
+        for (g, &v) in groups.columns.iter().enumerate() {
+            let v = v as usize;
+            if v < half {
+                by_bin[v].push((g, false));
+            }
+            let w = (d2 - v) % d2;
+            if w < half {
+                by_bin[w].push((g, true));
+            }
         }
-        plans::with_buffers(|b| {
-            let scratch = plans::sized(&mut b.scratch, inv_d1.get_inplace_scratch_len());
-            inv_d1.process_with_scratch(col, scratch);
+        bins.extend(
+            by_bin
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| !c.is_empty()),
+        );
+    }
+    let inv_d1 = plans::complex_inverse(d1);
+    let mut cols = plans::pooled(bins.len() * d1);
+    cols.par_chunks_mut(d1)
+        .zip(&bins)
+        .for_each(|(col, (_, contrib))| {
+            for &(g, mirrored) in contrib {
+                for &l in &groups.entries[groups.offsets[g]..groups.offsets[g + 1]] {
+                    let u = rows[l as usize] as usize;
+                    let at = if mirrored { (d1 - u) % d1 } else { u };
+                    col[at].re += coeffs[l as usize] * s;
+                }
+            }
+            plans::with_buffers(|b| {
+                let scratch = plans::sized(&mut b.scratch, inv_d1.get_inplace_scratch_len());
+                inv_d1.process_with_scratch(col, scratch);
+            });
         });
-    });
 
-    // Step 2: per row, Hermitian half-spectrum and one C2R of length d2 — for the top rows only:
-    // ΔW is even, ΔW[d1−j, k] = ΔW[j, (d2−k) mod d2], so the bottom rows are mirrored copies.
+    // Step 2: per row, the half-spectrum h[w] = H_w[j] and one C2R of length d2 — for the top rows
+    // only: ΔW is even, ΔW[d1−j, k] = ΔW[j, (d2−k) mod d2], so the bottom rows are mirrored copies.
     let top = d1 / 2 + 1;
     let c2r = plans::real_inverse(d2);
     let bl = block_rows(top, half);
@@ -123,10 +153,10 @@ fn delta_weight_onto(
             plans::with_buffers(|b| {
                 let h = plans::sized(&mut b.complex[0], nb * half);
                 h.fill(Complex32::default());
-                for (g, &v) in groups.columns.iter().enumerate() {
-                    let src = &cols[g * d1 + j0..g * d1 + j0 + nb];
+                for (bin, &(w, _)) in bins.iter().enumerate() {
+                    let src = &cols[bin * d1 + j0..bin * d1 + j0 + nb];
                     for (hr, &val) in h.chunks_exact_mut(half).zip(src) {
-                        add_hermitian(hr, v as usize, d2, val);
+                        hr[w] = val;
                     }
                 }
                 let scratch = plans::sized(&mut b.scratch, c2r.get_scratch_len());
