@@ -795,11 +795,14 @@ impl ForwardMode {
         tokens as f64 * per_token
     }
 
-    /// Estimated cost of materialising ΔW with these entries (and adding it to the weight).
+    /// Estimated cost of materialising ΔW with these entries (and adding it to the weight): one
+    /// complex transform of length d1 per half-spectrum bin the entries reach, one real transform
+    /// of length d2 per row of the top half (see [`crate::spectral::fft`]).
     fn dense_cost(entries: &SpectralEntries) -> f64 {
         let (d1, d2) = entries.shape();
-        let m = entries.column_groups().columns.len();
-        m as f64 * Self::fft_cost(d1) * 2.0 + d1 as f64 * (Self::fft_cost(d2) + d2 as f64)
+        let bins = entries.column_groups().columns.len().min(d2 / 2 + 1);
+        let rows = d1 / 2 + 1;
+        bins as f64 * Self::fft_cost(d1) * 2.0 + rows as f64 * (Self::fft_cost(d2) + d2 as f64)
     }
 
     /// The concrete mode for one adapter.
