@@ -6,9 +6,9 @@
 //! weight-sized GEMM shows in the step time. Per layer the graph has seven nodes:
 //! - query and value ([`Proj`]), and the key through `fourierft::ops::frozen_linear`, whose
 //!   backward computes dL/dx only, never a gradient for the frozen weight;
-//! - attention as one custom op ([`attention`]): per sequence and head, small GEMMs (the `gemm`
-//!   crate, on strided views of the `(b, s, h)` tensors, so no head split or merge copies)
-//!   around a fused masked softmax, with a hand-written backward from the saved probabilities;
+//! - attention as one custom op ([`attention`]): per sequence and head, small GEMMs
+//!   (`fourierft::ops::gemm`, on strided views of the `(b, s, h)` tensors, so no head split or
+//!   merge copies) around a fused masked softmax, with a hand-written backward from the saved probabilities;
 //!   sequences run in parallel ([`attention_composed`] is the same from candle ops, for tests);
 //! - attention output + residual + layer norm as one op ([`residual_norm`]), the FFN's first
 //!   projection + GELU (erf form) as one op ([`linear_gelu`]), and FFN output + residual + layer
@@ -24,6 +24,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, Var, D};
 use candle_nn::{Embedding, VarBuilder};
+use fourierft::ops::gemm::{matmul_into, Mat};
 use fourierft::{FourierFTConfig, FourierLinear};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -318,9 +319,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(x.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(yc, xc)| simd::gelu(yc, xc));
+        gelu_par(&mut y, x);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -328,10 +327,7 @@ impl CustomOp1 for Gelu {
         let dx = with_f32(x, |x| {
             with_f32(g, |g| {
                 let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(ELEMS_PER_TASK)
-                    .zip(x.par_chunks(ELEMS_PER_TASK))
-                    .zip(g.par_chunks(ELEMS_PER_TASK))
-                    .for_each(|((dc, xc), gc)| simd::gelu_grad(dc, xc, gc));
+                gelu_grad_par(&mut dx, x, g);
                 Ok(dx)
             })
         })
@@ -435,51 +431,23 @@ mod simd {
 /// Elements per rayon task in elementwise ops.
 const ELEMS_PER_TASK: usize = 16384;
 
+/// `y = gelu(x)` elementwise, in parallel.
+fn gelu_par(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .for_each(|(yc, xc)| simd::gelu(yc, xc));
+}
+
+/// `d = g·gelu′(x)` elementwise, in parallel.
+fn gelu_grad_par(d: &mut [f32], x: &[f32], g: &[f32]) {
+    d.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(x.par_chunks(ELEMS_PER_TASK))
+        .zip(g.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((dc, xc), gc)| simd::gelu_grad(dc, xc, gc));
+}
+
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
-}
-
-/// A strided read-only matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// Rows `[.., rows)` × columns `[col, col + cols)` of a row-major matrix with `stride`
-    /// values per row (one head of a `(s, h)` slab, or a whole `(s, s)` matrix).
-    fn block(data: &'a [f32], rows: usize, stride: usize, col: usize, cols: usize) -> Self {
-        Self {
-            data: &data[col..],
-            rows,
-            cols,
-            rs: stride,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    /// One past the last index the view reads.
-    fn extent(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            0
-        } else {
-            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
-        }
-    }
 }
 
 /// Block `i` of length `len` of `t`.
@@ -487,58 +455,35 @@ fn slab(t: &[f32], i: usize, len: usize) -> &[f32] {
     &t[i * len..(i + 1) * len]
 }
 
-/// `dst = a·b` (or `dst += a·b` with `accumulate`), `dst` row-major with `dst_rs` values per
-/// row (so it can be one head's columns of a `(s, h)` slab), on `threads` rayon threads (1: the
-/// calling thread; attention's per-head products are small and parallelise over sequences).
-fn gemm_into(dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool, threads: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && a.extent() <= a.data.len() && b.extent() <= b.data.len());
-    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
-    if m == 0 || n == 0 {
-        return;
-    }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index the kernel reads inside `a` and `b` and every
-    // index it writes inside `dst`, which is borrowed mutably and so aliases neither.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+/// Rows `[0, rows)` × columns `[col, col + cols)` of a row-major matrix with `stride` values per
+/// row (one head of a `(s, h)` slab, or a whole `(s, s)` matrix), as a checked view.
+fn block(
+    data: &[f32],
+    rows: usize,
+    stride: usize,
+    col: usize,
+    cols: usize,
+) -> fourierft::Result<Mat<'_>> {
+    Mat::strided(
+        "matrix block",
+        data.get(col..).unwrap_or_default(),
+        rows,
+        cols,
+        stride,
+        1,
+    )
 }
 
-/// `dst = a·b` on the calling thread.
-fn head_gemm(dst: &mut [f32], dst_rs: usize, a: View, b: View) {
-    gemm_into(dst, dst_rs, a, b, false, 1)
+/// `dst = a·b` on the calling thread, `dst_rs` values per row of `dst`: attention's per-head
+/// products are small, so the op parallelises over sequences instead.
+fn head_gemm(dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> fourierft::Result<()> {
+    matmul_into(dst, dst_rs, a, b, false, 1)
 }
 
-/// `dst += a·b` for contiguous `a` `(m, k)` and `b` given as `b_rows × b_cols` data viewed
-/// transposed or not, on all rayon threads.
-fn par_gemm_acc(dst: &mut [f32], a: &[f32], m: usize, k: usize, b: View) {
-    let a = View::block(a, m, k, 0, k);
-    gemm_into(dst, b.cols, a, b, true, rayon::current_num_threads())
+/// `dst += a·b` for contiguous `a` `(m, k)`, on all rayon threads.
+fn par_gemm_acc(dst: &mut [f32], a: &[f32], m: usize, k: usize, b: Mat) -> fourierft::Result<()> {
+    let a = Mat::new("operand", a, m, k)?;
+    matmul_into(dst, b.cols(), a, b, true, rayon::current_num_threads())
 }
 
 /// Multi-head self-attention as one op on `(b, s, h)` query, key and value tensors: per sequence
@@ -604,25 +549,26 @@ impl candle_core::CustomOp3 for Attention {
         out.par_chunks_mut(s * h)
             .zip(probs.par_chunks_mut(heads * s * s))
             .enumerate()
-            .for_each(|(bi, (o, p))| {
+            .try_for_each(|(bi, (o, p))| {
                 let (q, k, v) = (slab(q, bi, s * h), slab(k, bi, s * h), slab(v, bi, s * h));
                 let mask = &self.mask[bi * s..(bi + 1) * s];
                 let mut scores = vec![0f32; s * s];
                 for (hi, p) in p.chunks_mut(s * s).enumerate() {
                     let c = hi * hd;
-                    let (qh, kh) = (View::block(q, s, h, c, hd), View::block(k, s, h, c, hd));
-                    head_gemm(&mut scores, s, qh, kh.t());
+                    let (qh, kh) = (block(q, s, h, c, hd)?, block(k, s, h, c, hd)?);
+                    head_gemm(&mut scores, s, qh, kh.t())?;
                     for (pr, sr) in p.chunks_mut(s).zip(scores.chunks(s)) {
                         simd::masked_softmax(pr, sr, mask, scale);
                     }
                     head_gemm(
                         &mut o[c..],
                         h,
-                        View::block(p, s, s, 0, s),
-                        View::block(v, s, h, c, hd),
-                    );
+                        block(p, s, s, 0, s)?,
+                        block(v, s, h, c, hd)?,
+                    )?;
                 }
-            });
+                Ok::<(), fourierft::Error>(())
+            })?;
         let _ = self.probs.set(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -652,33 +598,29 @@ impl candle_core::CustomOp3 for Attention {
                             .zip(dk.par_chunks_mut(s * h))
                             .zip(dv.par_chunks_mut(s * h))
                             .enumerate()
-                            .for_each(|(bi, ((dq, dk), dv))| {
+                            .try_for_each(|(bi, ((dq, dk), dv))| {
                                 let sl = |t| slab(t, bi, s * h);
                                 let (q, k, v, g) = (sl(q), sl(k), sl(v), sl(g));
                                 let p_all = &probs[bi * heads * s * s..(bi + 1) * heads * s * s];
                                 let mut ds = vec![0f32; s * s];
                                 for (hi, p) in p_all.chunks(s * s).enumerate() {
                                     let c = hi * hd;
-                                    let pv = View::block(p, s, s, 0, s);
-                                    let gh = View::block(g, s, h, c, hd);
-                                    head_gemm(&mut dv[c..], h, pv.t(), gh);
-                                    head_gemm(&mut ds, s, gh, View::block(v, s, h, c, hd).t());
+                                    let pv = block(p, s, s, 0, s)?;
+                                    let gh = block(g, s, h, c, hd)?;
+                                    head_gemm(&mut dv[c..], h, pv.t(), gh)?;
+                                    head_gemm(&mut ds, s, gh, block(v, s, h, c, hd)?.t())?;
                                     for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
                                         let dot = sum8(dr.iter().zip(pr).map(|(d, p)| d * p));
                                         for (d, p) in dr.iter_mut().zip(pr) {
                                             *d = scale * p * (*d - dot);
                                         }
                                     }
-                                    let dsv = View::block(&ds, s, s, 0, s);
-                                    head_gemm(&mut dq[c..], h, dsv, View::block(k, s, h, c, hd));
-                                    head_gemm(
-                                        &mut dk[c..],
-                                        h,
-                                        dsv.t(),
-                                        View::block(q, s, h, c, hd),
-                                    );
+                                    let dsv = block(&ds, s, s, 0, s)?;
+                                    head_gemm(&mut dq[c..], h, dsv, block(k, s, h, c, hd)?)?;
+                                    head_gemm(&mut dk[c..], h, dsv.t(), block(q, s, h, c, hd)?)?;
                                 }
-                            });
+                                Ok::<(), fourierft::Error>(())
+                            })?;
                         Ok(())
                     })
                 })
@@ -798,7 +740,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
         }
         let mut z = rows_plus_bias(r, &bias_vec(&self.proj, out)?);
         with_f32(&self.proj.weight, |w| {
-            par_gemm_acc(&mut z, x, tokens, inp, View::block(w, out, inp, 0, inp).t());
+            par_gemm_acc(&mut z, x, tokens, inp, Mat::new("weight", w, out, inp)?.t())?;
             Ok(())
         })
         .map_err(to_candle)?;
@@ -830,7 +772,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
         let dx = if x.track_op() {
             let mut dx = vec![0f32; tokens * inp];
             with_f32(&self.proj.weight, |w| {
-                par_gemm_acc(&mut dx, &gz, tokens, out, View::block(w, out, inp, 0, inp));
+                par_gemm_acc(&mut dx, &gz, tokens, out, Mat::new("weight", w, out, inp)?)?;
                 Ok(())
             })
             .map_err(to_candle)?;
@@ -889,15 +831,13 @@ impl CustomOp1 for LinearGelu {
                 x,
                 tokens,
                 inp,
-                View::block(w, out, inp, 0, inp).t(),
-            );
+                Mat::new("weight", w, out, inp)?.t(),
+            )?;
             Ok(())
         })
         .map_err(to_candle)?;
         let mut y = vec![0f32; pre.len()];
-        y.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(pre.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(yc, pc)| simd::gelu(yc, pc));
+        gelu_par(&mut y, &pre);
         let _ = self.pre.set(pre);
         Ok((CpuStorage::F32(y), Shape::from((tokens, out))))
     }
@@ -912,18 +852,15 @@ impl CustomOp1 for LinearGelu {
         let mut dpre = vec![0f32; pre.len()];
         let mut dx = vec![0f32; tokens * inp];
         with_f32(g, |g| {
-            dpre.par_chunks_mut(ELEMS_PER_TASK)
-                .zip(pre.par_chunks(ELEMS_PER_TASK))
-                .zip(g.par_chunks(ELEMS_PER_TASK))
-                .for_each(|((dc, pc), gc)| simd::gelu_grad(dc, pc, gc));
+            gelu_grad_par(&mut dpre, pre, g);
             with_f32(&self.proj.weight, |w| {
                 par_gemm_acc(
                     &mut dx,
                     &dpre,
                     tokens,
                     out,
-                    View::block(w, out, inp, 0, inp),
-                );
+                    Mat::new("weight", w, out, inp)?,
+                )?;
                 Ok(())
             })
         })

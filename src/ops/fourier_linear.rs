@@ -19,7 +19,8 @@ use std::sync::{Arc, OnceLock};
 struct FourierLinearCpu {
     entries: Arc<SpectralEntries>,
     alpha: f64,
-    bias: Option<Vec<f32>>,
+    /// The bias (zeros for none).
+    bias: Vec<f32>,
     /// `W0 + ΔW` `(d1, d2)` from the forward, for the backward.
     adapted: OnceLock<Arc<Vec<f32>>>,
 }
@@ -48,7 +49,7 @@ impl CustomOp3 for FourierLinearCpu {
         let y = Mat::new("input of a FourierFT layer", x, tokens, d2)
             .and_then(|x| {
                 let w = Mat::new("adapted weight", &adapted, d1, d2)?;
-                gemm::linear(x, w, self.bias.as_deref())
+                gemm::linear(x, w, &self.bias)
             })
             .map_err(Error::into_candle)?;
         // Set once: each call of `fourier_linear` makes a fresh op.
@@ -77,14 +78,7 @@ impl CustomOp3 for FourierLinearCpu {
             need_dx,
         };
         let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-        let (tokens, d2) = x.dims2()?;
-        let n = self.entries.len();
-        let dx = if need_dx {
-            Some(packed.narrow(0, 0, tokens * d2)?.reshape((tokens, d2))?)
-        } else {
-            None
-        };
-        let dc = packed.narrow(0, packed.dim(0)? - n, n)?;
+        let (dx, dc) = super::unpack_grads(&packed, x, self.entries.len(), need_dx)?;
         Ok((dx, Some(dc), None))
     }
 }
@@ -119,7 +113,7 @@ impl CustomOp2 for FourierLinearGrad {
             let mut packed = vec![0f32; if self.need_dx { tokens * d2 } else { 0 }];
             if self.need_dx {
                 let w = Mat::new("adapted weight", &self.adapted, d1, d2)?;
-                gemm::matmul_into(&mut packed, g, w, false)?;
+                gemm::par_matmul_into(&mut packed, g, w, false)?;
             }
             // dL/dc straight from per-token spectra: no d1×d2 gradient gᵀ·x.
             packed.extend(forward::coeff_grad(
@@ -218,7 +212,10 @@ pub fn fourier_linear(
     let op = FourierLinearCpu {
         entries: entries.clone(),
         alpha,
-        bias: bias.map(|b| b.to_vec1::<f32>()).transpose()?,
+        bias: match bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0f32; d1],
+        },
         adapted: OnceLock::new(),
     };
     Ok(x.contiguous()?

@@ -133,65 +133,9 @@ pub fn add_to_frozen(delta: &Tensor, frozen: &Tensor) -> Result<Tensor> {
     attach(delta, sum, GradMap::Identity)
 }
 
-/// `x·Wᵀ + b` on CPU in f32 as one op: the bias is the GEMM's initial output, so the result is
-/// written once (no broadcast pass, no copy).
+/// `x·Wᵀ + b` on CPU in f32 as one op: the bias (zeros for none) is the GEMM's initial output,
+/// so the result is written once (no broadcast pass, no copy).
 struct FrozenLinearCpu;
-
-impl FrozenLinearCpu {
-    fn run(
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let what = "input of a frozen linear layer";
-        let data = super::f32_slice(what, x.0, x.1)?;
-        let [tokens, inp] = *x.1.dims() else {
-            return Err(Error::Shape {
-                what: what.into(),
-                expected: "(tokens, in)".into(),
-                found: crate::error::dims_str(x.1.dims()),
-            });
-        };
-        let x = Mat::new(what, data, tokens, inp)?;
-        let w = Mat::from_layout("frozen weight", w.0.as_slice::<f32>()?, w.1)?;
-        let bias = match b {
-            Some((s, l)) => Some(super::f32_slice("frozen bias", s, l)?),
-            None => None,
-        };
-        let y = gemm::linear(x, w, bias)?;
-        Ok((CpuStorage::F32(y), Shape::from((tokens, w.rows()))))
-    }
-
-    fn bwd(x: &Tensor, w: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        x.track_op().then(|| grad.matmul(w)).transpose()
-    }
-}
-
-impl CustomOp2 for FrozenLinearCpu {
-    fn name(&self) -> &'static str {
-        "fourierft-frozen-linear-cpu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::run((xs, xl), (ws, wl), None).map_err(Error::into_candle)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Self::bwd(x, w, grad)?, None))
-    }
-}
 
 impl CustomOp3 for FrozenLinearCpu {
     fn name(&self) -> &'static str {
@@ -207,7 +151,15 @@ impl CustomOp3 for FrozenLinearCpu {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::run((xs, xl), (ws, wl), Some((bs, bl))).map_err(Error::into_candle)
+        let run = || -> Result<(CpuStorage, Shape)> {
+            let what = "input of a frozen linear layer";
+            let (tokens, inp) = xl.shape().dims2()?;
+            let x = Mat::new(what, super::f32_slice(what, xs, xl)?, tokens, inp)?;
+            let w = Mat::from_layout("frozen weight", ws.as_slice::<f32>()?, wl)?;
+            let y = gemm::linear(x, w, super::f32_slice("frozen bias", bs, bl)?)?;
+            Ok((CpuStorage::F32(y), Shape::from((tokens, w.rows()))))
+        };
+        run().map_err(Error::into_candle)
     }
 
     fn bwd(
@@ -218,7 +170,8 @@ impl CustomOp3 for FrozenLinearCpu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Self::bwd(x, w, grad)?, None, None))
+        let dx = x.track_op().then(|| grad.matmul(w)).transpose()?;
+        Ok((dx, None, None))
     }
 }
 
@@ -236,16 +189,16 @@ fn frozen_linear_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
             ),
         });
     }
-    let x = x.contiguous()?;
-    let y = match (bias, x.track_op()) {
-        (Some(b), true) => x.apply_op3(weight, &b.detach().contiguous()?, FrozenLinearCpu)?,
-        (Some(b), false) => {
-            x.apply_op3_no_bwd(weight, &b.detach().contiguous()?, &FrozenLinearCpu)?
-        }
-        (None, true) => x.apply_op2(weight, FrozenLinearCpu)?,
-        (None, false) => x.apply_op2_no_bwd(weight, &FrozenLinearCpu)?,
+    let bias = match bias {
+        Some(b) => b.detach().contiguous()?,
+        None => Tensor::zeros(out, DType::F32, x.device())?,
     };
-    Ok(y)
+    let x = x.contiguous()?;
+    Ok(if x.track_op() {
+        x.apply_op3(weight, &bias, FrozenLinearCpu)?
+    } else {
+        x.apply_op3_no_bwd(weight, &bias, &FrozenLinearCpu)?
+    })
 }
 
 fn attach(operand: &Tensor, value: Tensor, map: GradMap) -> Result<Tensor> {

@@ -1,14 +1,26 @@
 //! f32 matrix products on CPU through the `gemm` crate (the kernels behind candle's CPU matmul),
-//! for the fused ops: they accumulate into a bias-initialised output and read transposed
-//! operands through strides, so no copy, broadcast pass or zero-filled buffer is needed.
+//! on checked strided views: the fused ops accumulate into a bias-initialised output and read
+//! transposed operands through strides, so no copy, broadcast pass or zero-filled buffer is
+//! needed. Public for custom CPU ops built on the crate (the demo encoder's attention uses it
+//! for its per-head products).
+//!
+//! ```
+//! use fourierft::ops::gemm::{matmul_into, Mat};
+//! let a = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
+//! let mut c = [0f32; 4];
+//! // c = a·aᵀ (2×2), on the calling thread.
+//! matmul_into(&mut c, 2, Mat::new("a", &a, 2, 3)?, Mat::new("a", &a, 2, 3)?.t(), false, 1)?;
+//! assert_eq!(c, [14.0, 32.0, 32.0, 77.0]);
+//! # Ok::<(), fourierft::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use candle_core::Layout;
 
-/// A read-only strided view of a row-major buffer: element `(i, j)` is
-/// `data[i·row_stride + j·col_stride]`.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
+/// A read-only strided view of an f32 buffer: element `(i, j)` is
+/// `data[i·row_stride + j·col_stride]`, checked on construction to stay inside `data`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -16,14 +28,26 @@ pub(crate) struct Mat<'a> {
     col_stride: usize,
 }
 
+/// One past the last index a `rows × cols` view with these strides touches (`None` on overflow).
+fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(0);
+    }
+    (rows - 1)
+        .checked_mul(row_stride)?
+        .checked_add((cols - 1).checked_mul(col_stride)?)?
+        .checked_add(1)
+}
+
 impl<'a> Mat<'a> {
-    /// A contiguous `rows × cols` matrix.
-    pub(crate) fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+    /// A contiguous row-major `rows × cols` matrix (`what` names it in errors).
+    pub fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
         Self::strided(what, data, rows, cols, cols, 1)
     }
 
-    /// A strided view, checked to stay inside `data`.
-    fn strided(
+    /// A strided view: element `(i, j)` at `data[i·row_stride + j·col_stride]`. An
+    /// [`Error::Shape`] if it would reach past `data`.
+    pub fn strided(
         what: &str,
         data: &'a [f32],
         rows: usize,
@@ -31,28 +55,25 @@ impl<'a> Mat<'a> {
         row_stride: usize,
         col_stride: usize,
     ) -> Result<Self> {
-        let last = if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * row_stride + (cols - 1) * col_stride + 1
-        };
-        if last > data.len() {
-            return Err(Error::Shape {
+        match extent(rows, cols, row_stride, col_stride) {
+            Some(last) if last <= data.len() => Ok(Self {
+                data,
+                rows,
+                cols,
+                row_stride,
+                col_stride,
+            }),
+            _ => Err(Error::Shape {
                 what: what.into(),
-                expected: format!("at least {last} values for a {rows}x{cols} view"),
+                expected: format!(
+                    "a {rows}x{cols} view with strides ({row_stride}, {col_stride}) inside the data"
+                ),
                 found: format!("{} values", data.len()),
-            });
+            }),
         }
-        Ok(Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        })
     }
 
-    /// The 2-d tensor described by `layout` over its storage `data`.
+    /// The 2-d tensor described by `layout` over its CPU storage `data`.
     pub(crate) fn from_layout(what: &str, data: &'a [f32], layout: &Layout) -> Result<Self> {
         let (dims, stride) = (layout.dims(), layout.stride());
         if dims.len() != 2 {
@@ -67,12 +88,17 @@ impl<'a> Mat<'a> {
     }
 
     /// Number of rows.
-    pub(crate) fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The transpose (a view; nothing is copied).
-    pub(crate) fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -83,17 +109,28 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = a·b` (or `dst += a·b` with `accumulate`), `dst` row-major `a.rows × b.cols`, on
-/// rayon's threads. The crate's one `unsafe` block: the `gemm` crate's entry point
-/// takes raw pointers and strides.
+/// `dst = a·b`, or `dst += a·b` with `accumulate`, where `dst` holds the `a.rows() × b.cols()`
+/// result row-major with `dst_row_stride ≥ b.cols()` values per row (so it can be a column block
+/// of a wider matrix), on `threads` of rayon's threads (1: the calling thread).
+///
+/// The crate's one `unsafe` block: the `gemm` crate's entry point takes raw pointers and strides;
+/// every extent is checked here first.
 #[allow(unsafe_code)]
-pub(crate) fn matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Result<()> {
+pub fn matmul_into(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || dst.len() != m * n {
+    let fits = extent(m, n, dst_row_stride, 1).is_some_and(|e| e <= dst.len());
+    if b.rows != k || dst_row_stride < n || !fits {
         return Err(Error::Shape {
             what: "matrix product".into(),
-            expected: format!("({m}, {k}) · ({k}, {n}) into {} values", m * n),
-            found: format!("({m}, {k}) · ({}, {n}) into {}", b.rows, dst.len()),
+            expected: format!("({m}, {k}) · ({k}, {n}) into rows of {dst_row_stride} ≥ {n} values"),
+            found: format!("({m}, {k}) · ({}, {n}) into {} values", b.rows, dst.len()),
         });
     }
     if m == 0 || n == 0 {
@@ -101,21 +138,20 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> 
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            dst.chunks_mut(dst_row_stride)
+                .take(m)
+                .for_each(|r| r[..n].fill(0.0));
         }
         return Ok(());
     }
-    // rayon's pool size: candle's `get_num_threads` would re-read /proc/cpuinfo on every call
-    // unless RAYON_NUM_THREADS is set.
-    let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: every index the kernel touches, (i, j) < (m, n) in dst and the views' extents in
-    // a and b, was checked above against the slice lengths; dst is borrowed mutably and does
-    // not alias a or b.
+    // SAFETY: every index the kernel touches — (i, j) < (m, n) at i·dst_row_stride + j in dst,
+    // and the views' extents in a and b — was checked above or in `Mat::strided` against the
+    // slice lengths; dst is borrowed mutably and so aliases neither a nor b.
     unsafe {
         gemm::gemm(
             m,
@@ -123,7 +159,7 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> 
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -142,22 +178,27 @@ pub(crate) fn matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> 
     Ok(())
 }
 
+/// [`matmul_into`] into a contiguous `dst` on all of rayon's threads. (rayon's pool size:
+/// candle's `get_num_threads` would re-read /proc/cpuinfo on every call unless
+/// RAYON_NUM_THREADS is set.)
+pub(crate) fn par_matmul_into(dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) -> Result<()> {
+    let n = b.cols;
+    matmul_into(dst, n, a, b, accumulate, rayon::current_num_threads())
+}
+
 /// `x·wᵀ + bias` for `x` `(tokens, in)` and `w` `(out, in)`: the bias is written first and the
 /// product accumulated onto it.
-pub(crate) fn linear(x: Mat, w: Mat, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+pub(crate) fn linear(x: Mat, w: Mat, bias: &[f32]) -> Result<Vec<f32>> {
     let (tokens, out) = (x.rows, w.rows);
-    let mut y = match bias {
-        Some(b) if b.len() == out => b.repeat(tokens),
-        Some(b) => {
-            return Err(Error::Shape {
-                what: "bias".into(),
-                expected: format!("[{out}]"),
-                found: format!("[{}]", b.len()),
-            })
-        }
-        None => vec![0f32; tokens * out],
-    };
-    matmul_into(&mut y, x, w.t(), bias.is_some())?;
+    if bias.len() != out {
+        return Err(Error::Shape {
+            what: "bias".into(),
+            expected: format!("[{out}]"),
+            found: format!("[{}]", bias.len()),
+        });
+    }
+    let mut y = bias.repeat(tokens);
+    par_matmul_into(&mut y, x, w.t(), true)?;
     Ok(y)
 }
 
@@ -184,19 +225,17 @@ mod tests {
         let mut got = vec![0f32; m * n];
         matmul_into(
             &mut got,
+            n,
             Mat::new("a", &a, m, k)?,
             Mat::new("b", &b, k, n)?,
             false,
+            2,
         )?;
         assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5));
         // (bᵀ)ᵀ through a view: the linear layer's form, with a bias.
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let bias = [1.0f32, -2.0, 0.5];
-        let y = linear(
-            Mat::new("x", &a, m, k)?,
-            Mat::new("w", &bt, n, k)?,
-            Some(&bias),
-        )?;
+        let y = linear(Mat::new("x", &a, m, k)?, Mat::new("w", &bt, n, k)?, &bias)?;
         for (i, (g, w)) in y.iter().zip(&want).enumerate() {
             assert!((g - (w + bias[i % n])).abs() < 1e-5);
         }
@@ -210,10 +249,16 @@ mod tests {
         let a = [0f32; 6];
         let r = matmul_into(
             &mut dst,
+            2,
             Mat::new("a", &a, 2, 3).unwrap(),
             Mat::new("b", &a, 2, 3).unwrap(),
             false,
+            1,
         );
         assert!(r.is_err());
+        // Strides whose extent overflows, and a destination row stride narrower than a row.
+        assert!(Mat::strided("huge", &a, 2, 2, usize::MAX, 1).is_err());
+        let sq = Mat::new("a", &a[..4], 2, 2).unwrap();
+        assert!(matmul_into(&mut dst, 1, sq, sq, false, 1).is_err());
     }
 }

@@ -1,12 +1,13 @@
 //! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the adapted
 //! layer's forward in one op ([`fourier_linear`]), the spectral product `x·ΔWᵀ` that never forms
 //! ΔW ([`spectral_linear`]), and operations on a frozen weight whose backward skips it
-//! ([`frozen_linear`], [`add_to_frozen`]).
+//! ([`frozen_linear`], [`add_to_frozen`]); [`gemm`] is the checked strided f32 GEMM under the
+//! fused ops.
 
 mod delta_weight;
 mod fourier_linear;
 mod frozen;
-mod gemm;
+pub mod gemm;
 mod spectral_linear;
 
 pub use delta_weight::{delta_weight, DeltaWeight};
@@ -39,4 +40,22 @@ pub(crate) fn f32_slice<'a>(
             "fourierft: {what} must be contiguous"
         ))),
     }
+}
+
+/// Splits a backward op's packed output `[dL/dx flattened (if `need_dx`) | dL/dc (n values)]`
+/// into `dL/dx` shaped like the 2-d input `x` and `dL/dc`.
+pub(crate) fn unpack_grads(
+    packed: &candle_core::Tensor,
+    x: &candle_core::Tensor,
+    n: usize,
+    need_dx: bool,
+) -> candle_core::Result<(Option<candle_core::Tensor>, candle_core::Tensor)> {
+    let (tokens, d2) = x.dims2()?;
+    let dx = if need_dx {
+        Some(packed.narrow(0, 0, tokens * d2)?.reshape((tokens, d2))?)
+    } else {
+        None
+    };
+    let dc = packed.narrow(0, packed.dim(0)? - n, n)?;
+    Ok((dx, dc))
 }

@@ -45,14 +45,7 @@ impl CustomOp2 for SpectralLinear {
             need_dx,
         };
         let packed = x.apply_op3_no_bwd(c, &grad.contiguous()?, &op)?;
-        let (tokens, d2) = x.dims2()?;
-        let n = self.entries.len();
-        let dx = if need_dx {
-            Some(packed.narrow(0, 0, tokens * d2)?.reshape((tokens, d2))?)
-        } else {
-            None
-        };
-        let dc = packed.narrow(0, packed.dim(0)? - n, n)?;
+        let (dx, dc) = super::unpack_grads(&packed, x, self.entries.len(), need_dx)?;
         Ok((dx, Some(dc)))
     }
 }

@@ -62,60 +62,65 @@ pub fn forward(
 ) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
     check_len("spectral coefficients", coeffs.len(), entries.len())?;
-    let tokens = check("input of the spectral forward", x.len(), d2)?;
-    let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
-    let (r2c, c2r) = (plans::real_forward(d2), plans::real_inverse(d1));
-    let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
+    check("input of the spectral forward", x.len(), d2)?;
     let cs = scaled(coeffs, alpha, d1, d2, 0.5);
-    let (rows, cols) = (entries.rows(), entries.cols());
+    per_token(x, (d2, entries.cols()), (d1, entries.rows()), &cs)
+}
+
+/// The per-token map both directions share: for each row `a` (length `len_a`) of `input`,
+/// `Re Σ_l cs_l·A[f_l]·e^{+2πi t_l j/len_b}` for `j < len_b`, with `A[f] = Σ_k a_k e^{+2πi f k/len_a}`
+/// — one real FFT, `n` multiply-adds into a Hermitian half-spectrum, one complex-to-real inverse
+/// FFT. The forward maps `x` through (cols → rows); `dL/dx` maps `g` through (rows → cols).
+/// Tokens are processed in parallel blocks.
+fn per_token(
+    input: &[f32],
+    (len_a, from): (usize, &[u32]),
+    (len_b, to): (usize, &[u32]),
+    cs: &[f32],
+) -> Result<Vec<f32>> {
+    let tokens = input.len() / len_a;
+    let (half_a, half_b) = (len_a / 2 + 1, len_b / 2 + 1);
+    let (r2c, c2r) = (plans::real_forward(len_a), plans::real_inverse(len_b));
+    let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
     let bt = block_tokens(tokens);
-    let mut y = vec![0f32; tokens * d1];
-    y.par_chunks_mut(bt * d1)
-        .zip(x.par_chunks(bt * d2))
-        .try_for_each(|(y_blk, x_blk)| {
+    let mut out = vec![0f32; tokens * len_b];
+    out.par_chunks_mut(bt * len_b)
+        .zip(input.par_chunks(bt * len_a))
+        .try_for_each(|(out_blk, in_blk)| {
             plans::with_buffers(|b| {
                 let plans::Buffers {
                     scratch,
-                    complex: [xs, h, _],
-                    real: [xin, _],
+                    complex: [spec, h, _],
+                    real: [a_in, _],
                 } = b;
                 let scratch = plans::sized(scratch, scratch_len);
-                let (xs, h, xin) = (
-                    plans::sized(xs, half2),
-                    plans::sized(h, half1),
-                    plans::sized(xin, d2),
-                );
-                for (y_t, x_t) in y_blk.chunks_exact_mut(d1).zip(x_blk.chunks_exact(d2)) {
-                    xin.copy_from_slice(x_t);
-                    r2c.process_with_scratch(xin, xs, scratch)
+                let (spec, h) = (plans::sized(spec, half_a), plans::sized(h, half_b));
+                let a_in = plans::sized(a_in, len_a);
+                for (o, a) in out_blk
+                    .chunks_exact_mut(len_b)
+                    .zip(in_blk.chunks_exact(len_a))
+                {
+                    a_in.copy_from_slice(a);
+                    r2c.process_with_scratch(a_in, spec, scratch)
                         .map_err(plans::fft_error)?;
                     h.fill(Complex32::default());
                     for l in 0..cs.len() {
-                        let val = plus_dft_at(xs, cols[l] as usize, d2) * cs[l];
-                        add_hermitian(h, rows[l] as usize, d1, val);
+                        let val = plus_dft_at(spec, from[l] as usize, len_a) * cs[l];
+                        add_hermitian(h, to[l] as usize, len_b, val);
                     }
-                    fix_real_bins(h, d1);
-                    c2r.process_with_scratch(h, y_t, scratch)
+                    fix_real_bins(h, len_b);
+                    c2r.process_with_scratch(h, o, scratch)
                         .map_err(plans::fft_error)?;
                 }
                 Ok::<(), Error>(())
             })
         })?;
-    Ok(y)
+    Ok(out)
 }
 
-/// Gradients of the spectral forward: given `x` `(tokens, d2)` and `g = dL/dy` `(tokens, d1)`,
-/// returns `dL/dx` `(tokens, d2)` (only when `need_dx`) and `dL/dc` `[n]`.
-pub fn backward(
-    entries: &SpectralEntries,
-    coeffs: &[f32],
-    alpha: f64,
-    x: &[f32],
-    g: &[f32],
-    need_dx: bool,
-) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+/// The number of tokens of `x` `(tokens, d2)` and `g = dL/dy` `(tokens, d1)`, checked to agree.
+fn grad_tokens(entries: &SpectralEntries, x: &[f32], g: &[f32]) -> Result<usize> {
     let (d1, d2) = entries.shape();
-    check_len("spectral coefficients", coeffs.len(), entries.len())?;
     let tokens = check("input of the spectral forward", x.len(), d2)?;
     let g_tokens = check("gradient of the spectral forward", g.len(), d1)?;
     if g_tokens != tokens {
@@ -125,90 +130,29 @@ pub fn backward(
             found: format!("({g_tokens}, {d1})"),
         });
     }
+    Ok(tokens)
+}
+
+/// Gradients of the spectral forward: given `x` `(tokens, d2)` and `g = dL/dy` `(tokens, d1)`,
+/// returns `dL/dx` `(tokens, d2)` (only when `need_dx`) and `dL/dc` `[n]` ([`coeff_grad`]).
+pub fn backward(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    x: &[f32],
+    g: &[f32],
+    need_dx: bool,
+) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    check_len("spectral coefficients", coeffs.len(), entries.len())?;
+    grad_tokens(entries, x, g)?;
+    let dc = coeff_grad(entries, alpha, x, g)?;
     if !need_dx {
-        return Ok((None, coeff_grad(entries, alpha, x, g)?));
+        return Ok((None, dc));
     }
-    let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
-    let (r2c_x, r2c_g, c2r) = (
-        plans::real_forward(d2),
-        plans::real_forward(d1),
-        plans::real_inverse(d2),
-    );
-    let scratch_len = r2c_x
-        .get_scratch_len()
-        .max(r2c_g.get_scratch_len())
-        .max(c2r.get_scratch_len());
+    let (d1, d2) = entries.shape();
     let cs = scaled(coeffs, alpha, d1, d2, 0.5);
-    let (rows, cols) = (entries.rows(), entries.cols());
-    let n = cs.len();
-    let bt = block_tokens(tokens);
-    let mut dx = vec![0f32; if need_dx { tokens * d2 } else { 0 }];
-    let dx_chunks: Vec<&mut [f32]> = if need_dx {
-        dx.chunks_mut(bt * d2).collect()
-    } else {
-        (0..tokens.div_ceil(bt)).map(|_| &mut [][..]).collect()
-    };
-    let partial: Vec<Vec<f32>> = dx_chunks
-        .into_par_iter()
-        .zip(x.par_chunks(bt * d2))
-        .zip(g.par_chunks(bt * d1))
-        .map(|((dx_blk, x_blk), g_blk)| {
-            plans::with_buffers(|b| {
-                let plans::Buffers {
-                    scratch,
-                    complex: [xs, gs, w],
-                    real: [xin, gin],
-                } = b;
-                let scratch = plans::sized(scratch, scratch_len);
-                let (xs, gs, w) = (
-                    plans::sized(xs, half2),
-                    plans::sized(gs, half1),
-                    plans::sized(w, half2),
-                );
-                let (xin, gin) = (plans::sized(xin, d2), plans::sized(gin, d1));
-                let mut dc = vec![0f32; n];
-                for (t, (x_t, g_t)) in x_blk
-                    .chunks_exact(d2)
-                    .zip(g_blk.chunks_exact(d1))
-                    .enumerate()
-                {
-                    gin.copy_from_slice(g_t);
-                    r2c_g
-                        .process_with_scratch(gin, gs, scratch)
-                        .map_err(plans::fft_error)?;
-                    xin.copy_from_slice(x_t);
-                    r2c_x
-                        .process_with_scratch(xin, xs, scratch)
-                        .map_err(plans::fft_error)?;
-                    for l in 0..n {
-                        let gu = plus_dft_at(gs, rows[l] as usize, d1);
-                        let xv = plus_dft_at(xs, cols[l] as usize, d2);
-                        dc[l] += gu.re * xv.re - gu.im * xv.im;
-                    }
-                    if need_dx {
-                        w.fill(Complex32::default());
-                        for l in 0..n {
-                            let val = plus_dft_at(gs, rows[l] as usize, d1) * cs[l];
-                            add_hermitian(w, cols[l] as usize, d2, val);
-                        }
-                        fix_real_bins(w, d2);
-                        c2r.process_with_scratch(w, &mut dx_blk[t * d2..(t + 1) * d2], scratch)
-                            .map_err(plans::fft_error)?;
-                    }
-                }
-                Ok::<_, Error>(dc)
-            })
-        })
-        .collect::<Result<_>>()?;
-    let s = phase::scale(alpha, d1, d2) as f32;
-    let mut dc = vec![0f32; n];
-    for p in partial {
-        for (a, b) in dc.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
-    dc.iter_mut().for_each(|v| *v *= s);
-    Ok((need_dx.then_some(dx), dc))
+    let dx = per_token(g, (d1, entries.rows()), (d2, entries.cols()), &cs)?;
+    Ok((Some(dx), dc))
 }
 
 /// Tokens whose spectra are stored together, frequency-major, in [`coeff_grad`].
@@ -292,15 +236,7 @@ fn transpose_tile(
 /// ```
 pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
-    let tokens = check("input of the spectral forward", x.len(), d2)?;
-    let g_tokens = check("gradient of the spectral forward", g.len(), d1)?;
-    if g_tokens != tokens {
-        return Err(Error::Shape {
-            what: "gradient of the spectral forward".into(),
-            expected: format!("({tokens}, {d1})"),
-            found: format!("({g_tokens}, {d1})"),
-        });
-    }
+    let tokens = grad_tokens(entries, x, g)?;
     let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
     let (r2c_x, r2c_g) = (plans::real_forward(d2), plans::real_forward(d1));
     let scratch_len = r2c_x.get_scratch_len().max(r2c_g.get_scratch_len());
