@@ -77,6 +77,7 @@ pub mod layer;
 pub mod ops;
 pub mod peft;
 pub mod spectral;
+pub mod train;
 
 pub use backend::MergedBackend;
 pub use config::FourierFTConfig;
@@ -87,3 +88,4 @@ pub use layer::{
     linear, linear_b, linear_no_bias, Adapter, ForwardMode, FourierLinear, DEFAULT_ADAPTER,
 };
 pub use peft::PeftAdapter;
+pub use train::StockTrainer;
