@@ -65,6 +65,10 @@ fn main() -> Result<()> {
             .num_threads(t)
             .build_global()?;
     }
+    // The crate's CPU training settings (docs/PERFORMANCE.md): candle's elementwise ops on the
+    // calling thread, freed buffers reused, subnormals flushed. FOURIERFT_SUBNORMALS=ieee,
+    // FOURIERFT_MALLOC=default and CANDLE_NUM_THREADS=N undo each one.
+    fourierft::runtime::init_cpu_training();
     let (d, dev) = (args.dim, Device::Cpu);
     let base = Linear::new(Tensor::randn(0f32, 0.02, (d, d), &dev)?, None);
     let cfg = FourierFTConfig {

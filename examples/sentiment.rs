@@ -145,6 +145,13 @@ struct Args {
     /// `diff` with `scripts/peft_sentiment.py --dump-batches` shows both see the same batches.
     #[arg(long)]
     dump_batches: bool,
+    /// Print, after the first epoch of each adapter run, the time per op kind (adapted layers,
+    /// frozen key projection, attention, FFN, norms, optimizer; forward and backward apart) and
+    /// the share of subnormal values among the GEMM operands each kind produces (run with
+    /// FOURIERFT_SUBNORMALS=ieee to see where they arise). Profiling adds a clock read per op, a
+    /// pass over each operand and two marker nodes per adapted layer: step times are higher.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -495,21 +502,30 @@ fn run_adapter(
     let (mut step, mut loss_ema, mut seen) = (0usize, None::<f64>, 0usize);
     let (mut step_time, mut step_cpu) = (0f64, 0f64);
     let start = Instant::now();
+    bert::profile::reset();
+    bert::profile::enable(args.profile);
     for epoch in 0..args.epochs {
+        let mut epoch_steps = 0;
         for b in epoch_batches(&lens, args.batch, seed, epoch) {
             let (t, cpu) = (Instant::now(), process_cpu_s());
             let (ids, mask, labels) = batch_tensors(train, &b, &dev)?;
-            let logits = head.forward(&enc.embed(&ids, &mask)?)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let grads = loss.backward()?;
-            opt_adapter.set_learning_rate(lr_at(lr, step, total));
-            opt_head.set_learning_rate(lr_at(args.lr_head, step, total));
-            opt_adapter.step(&grads)?;
-            opt_head.step(&grads)?;
+            let loss = bert::profile::time("step: forward (all)", || -> Result<Tensor> {
+                let logits = head.forward(&enc.embed(&ids, &mask)?)?;
+                Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
+            })?;
+            let grads = bert::profile::time("step: backward (all)", || loss.backward())?;
+            bert::profile::time("optimizer (AdamW)", || -> Result<()> {
+                opt_adapter.set_learning_rate(lr_at(lr, step, total));
+                opt_head.set_learning_rate(lr_at(args.lr_head, step, total));
+                opt_adapter.step(&grads)?;
+                opt_head.step(&grads)?;
+                Ok(())
+            })?;
             let l = loss.to_scalar::<f32>()? as f64;
             step_time += t.elapsed().as_secs_f64();
             step_cpu += process_cpu_s() - cpu;
             step += 1;
+            epoch_steps += 1;
             seen += b.len();
             loss_ema = Some(loss_ema.map_or(l, |e| 0.9 * e + 0.1 * l));
             pb.set_message(format!(
@@ -518,6 +534,22 @@ fn run_adapter(
                 seen as f64 / start.elapsed().as_secs_f64()
             ));
             pb.inc(1);
+        }
+        if bert::profile::enabled() {
+            bert::profile::enable(false);
+            pb.suspend(|| {
+                println!(
+                    "profile, {} seed {seed}, epoch {epoch} ({epoch_steps} steps; \"step:\" lines \
+                     are totals, the others their parts; subnormals {}):\n{}",
+                    method.label(),
+                    if fourierft::runtime::thread_flushes() {
+                        "flushed to zero"
+                    } else {
+                        "kept (IEEE)"
+                    },
+                    bert::profile::report(epoch_steps)
+                )
+            });
         }
     }
     let train_s = start.elapsed().as_secs_f64();

@@ -31,6 +31,7 @@
 //! - [`peft`]: PEFT's adapter directories (config matching, load, save, merge).
 //! - [`inject`]: model-level injection of FourierLinear layers by module path.
 //! - [`backend`]: a `VarBuilder` backend serving merged weights to unmodified candle models.
+//! - [`runtime`]: the CPU training policy (subnormals flushed to zero, freed buffers reused).
 //!
 //! # Quick start
 //!
@@ -76,6 +77,7 @@ pub mod inject;
 pub mod layer;
 pub mod ops;
 pub mod peft;
+pub mod runtime;
 pub mod spectral;
 pub mod train;
 

@@ -81,6 +81,178 @@ pub enum Adapter {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Profiling (the demo's --profile): time per op kind, and how many GEMM operands are subnormal
+
+/// Time per op kind, forward and backward apart, and the share of subnormal values among the
+/// GEMM operands each kind produces (counted as stored, so run with `FOURIERFT_SUBNORMALS=ieee`
+/// to see where they arise: with flush-to-zero on, none are produced). Off unless
+/// [`profile::enable`] was called; then every op pays a clock read and a pass over its operands.
+pub mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    #[derive(Default, Clone, Copy)]
+    struct Entry {
+        time: Duration,
+        calls: u64,
+        values: u64,
+        subnormal: u64,
+    }
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static TABLE: Mutex<BTreeMap<&'static str, Entry>> = Mutex::new(BTreeMap::new());
+
+    pub fn enable(on: bool) {
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    pub fn enabled() -> bool {
+        ON.load(Ordering::Relaxed)
+    }
+
+    fn with(kind: &'static str, f: impl FnOnce(&mut Entry)) {
+        let mut t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        f(t.entry(kind).or_default());
+    }
+
+    /// Runs `f`, adding its wall time to `kind` when profiling.
+    pub fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
+        if !enabled() {
+            return f();
+        }
+        let start = Instant::now();
+        let r = f();
+        add(kind, start.elapsed());
+        r
+    }
+
+    pub fn add(kind: &'static str, d: Duration) {
+        with(kind, |e| {
+            e.time += d;
+            e.calls += 1;
+        });
+    }
+
+    /// Counts the subnormal values of a GEMM operand produced by `kind`.
+    pub fn subnormals(kind: &'static str, data: &[f32]) {
+        if !enabled() {
+            return;
+        }
+        let sub = data.iter().filter(|v| v.is_subnormal()).count() as u64;
+        with(kind, |e| {
+            e.values += data.len() as u64;
+            e.subnormal += sub;
+        });
+    }
+
+    pub fn reset() {
+        TABLE.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// One line per kind: total ms, ms per step, calls, and the subnormal share of its operands;
+    /// `rest (fwd)` / `rest (bwd)` are the step's forward / backward minus the timed kinds
+    /// (head, loss, candle's gradient bookkeeping, the frozen key projection's backward).
+    pub fn report(steps: usize) -> String {
+        let mut t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        for (total, suffix, rest) in [
+            ("step: forward (all)", "(fwd)", "rest (fwd)"),
+            ("step: backward (all)", "(bwd)", "rest (bwd)"),
+        ] {
+            let Some(all) = t.get(total).map(|e| e.time) else {
+                continue;
+            };
+            let parts: Duration = t
+                .iter()
+                .filter(|(k, _)| k.ends_with(suffix))
+                .map(|(_, e)| e.time)
+                .sum();
+            t.insert(
+                rest,
+                Entry {
+                    time: all.saturating_sub(parts),
+                    ..Default::default()
+                },
+            );
+        }
+        let total: f64 = t
+            .iter()
+            .filter(|(k, _)| !k.starts_with("step"))
+            .map(|(_, e)| e.time.as_secs_f64())
+            .sum();
+        let mut out = format!(
+            "{:<34} {:>10} {:>10} {:>7} {:>8} {:>14}\n",
+            "op kind", "total ms", "ms/step", "calls", "% timed", "subnormal ops"
+        );
+        for (k, e) in t.iter() {
+            let ms = e.time.as_secs_f64() * 1e3;
+            let sub = if e.values > 0 {
+                format!(
+                    "{:.3}% of {:.1}M",
+                    100.0 * e.subnormal as f64 / e.values as f64,
+                    e.values as f64 / 1e6
+                )
+            } else {
+                "-".into()
+            };
+            out += &format!(
+                "{k:<34} {ms:>10.0} {:>10.1} {:>7} {:>7.1}% {sub:>14}\n",
+                ms / steps.max(1) as f64,
+                e.calls,
+                if k.starts_with("step") {
+                    100.0
+                } else {
+                    100.0 * e.time.as_secs_f64() / total.max(1e-12)
+                }
+            );
+        }
+        out
+    }
+
+    /// Identity on the forward; its backward records when the gradient reaches it (at the output
+    /// of an adapted projection: its backward starts; at its input: it has finished).
+    pub struct Mark {
+        pub kind: &'static str,
+        pub start: bool,
+        pub clock: std::sync::Arc<Mutex<Option<Instant>>>,
+    }
+
+    impl candle_core::CustomOp1 for Mark {
+        fn name(&self) -> &'static str {
+            "profile-mark"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            Ok((s.try_clone(l)?, l.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            _x: &candle_core::Tensor,
+            _y: &candle_core::Tensor,
+            g: &candle_core::Tensor,
+        ) -> candle_core::Result<Option<candle_core::Tensor>> {
+            let mut c = self.clock.lock().unwrap_or_else(|e| e.into_inner());
+            if self.start {
+                *c = Some(Instant::now());
+                if let Ok(v) = g.flatten_all().and_then(|g| g.to_vec1::<f32>()) {
+                    subnormals("grad into adapted q/v (bwd)", &v);
+                }
+            } else if let Some(t) = c.take() {
+                add(self.kind, t.elapsed());
+            }
+            Ok(Some(g.clone()))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Frozen ops (custom ops whose backward returns only dL/dx)
 
 /// Borrows the f32 data of a contiguous CPU tensor and calls `f` on it.
@@ -255,6 +427,7 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let start = std::time::Instant::now();
         let dx = with_f32(x, |x| {
             with_f32(g, |g| {
                 let mut dx = vec![0f32; x.len()];
@@ -263,6 +436,9 @@ impl CustomOp1 for LayerNorm {
             })
         })
         .map_err(to_candle)?;
+        if profile::enabled() {
+            profile::add("embeddings + norm (bwd)", start.elapsed());
+        }
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -281,6 +457,7 @@ struct Gelu;
 /// branch-free so that loops over it vectorise.
 #[inline(always)]
 fn exp_f32(x: f32) -> f32 {
+    let arg = x;
     let x = x.clamp(-87.0, 88.0);
     // Adding 1.5·2^23 rounds x·log2(e) to an integer n, held in the low mantissa bits of `z`
     // (no float-to-int conversion, so that the loop vectorises).
@@ -293,7 +470,15 @@ fn exp_f32(x: f32) -> f32 {
         + 0.5;
     let e = p * r * r + r + 1.0;
     let n = (z.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    e * f32::from_bits(((n + 127) as u32) << 23)
+    let y = e * f32::from_bits(((n + 127) as u32) << 23);
+    // Below −87, e^x is under f32::MIN_POSITIVE: return 0, as exp underflows for torch, instead
+    // of e^−87 — which a softmax's 1/sum turns into a subnormal probability for every masked
+    // key, whose gradients then stay subnormal through the whole backward (docs/PERFORMANCE.md).
+    if arg < -87.0 {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// erf for f32 (Abramowitz–Stegun 7.1.26, absolute error < 1.5e-7, the approximation PyTorch's
@@ -569,6 +754,7 @@ impl candle_core::CustomOp3 for Attention {
                 }
                 Ok::<(), fourierft::Error>(())
             })?;
+        profile::subnormals("attention (fwd)", &probs);
         let _ = self.probs.set(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -581,6 +767,7 @@ impl candle_core::CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let start = std::time::Instant::now();
         let (b, s, h, hd) = self.dims(q.layout())?;
         let probs = self
             .probs
@@ -627,6 +814,12 @@ impl candle_core::CustomOp3 for Attention {
             })
         })
         .map_err(to_candle)?;
+        if profile::enabled() {
+            for d in [&dq, &dk, &dv] {
+                profile::subnormals("attention (bwd)", d);
+            }
+            profile::add("attention (bwd)", start.elapsed());
+        }
         let t = |d: Vec<f32>| Tensor::from_vec(d, (b, s, h), q.device());
         Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
     }
@@ -711,6 +904,8 @@ struct ResidualNorm {
     proj: FrozenLinear,
     norm: LayerNorm,
     z: std::sync::OnceLock<Vec<f32>>,
+    /// The profile's name for the backward.
+    kind: &'static str,
 }
 
 impl candle_core::CustomOp2 for ResidualNorm {
@@ -757,6 +952,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let start = std::time::Instant::now();
         let z = self
             .z
             .get()
@@ -769,6 +965,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
             Ok(())
         })
         .map_err(to_candle)?;
+        profile::subnormals(self.kind, &gz);
         let dx = if x.track_op() {
             let mut dx = vec![0f32; tokens * inp];
             with_f32(&self.proj.weight, |w| {
@@ -785,6 +982,9 @@ impl candle_core::CustomOp2 for ResidualNorm {
         } else {
             None
         };
+        if profile::enabled() {
+            profile::add(self.kind, start.elapsed());
+        }
         Ok((dx, dr))
     }
 }
@@ -796,10 +996,22 @@ pub fn residual_norm(
     x: &Tensor,
     r: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    residual_norm_kind(proj, norm, x, r, "attn out + norm (bwd)")
+}
+
+/// [`residual_norm`] with the profile's name for its backward.
+fn residual_norm_kind(
+    proj: &FrozenLinear,
+    norm: &LayerNorm,
+    x: &Tensor,
+    r: &Tensor,
+    kind: &'static str,
+) -> candle_core::Result<Tensor> {
     let op = ResidualNorm {
         proj: proj.clone(),
         norm: norm.clone(),
         z: std::sync::OnceLock::new(),
+        kind,
     };
     let x2 = x.reshape(((), x.dim(D::Minus1)?))?.contiguous()?;
     x2.apply_op2(&r.contiguous()?, op)
@@ -838,11 +1050,13 @@ impl CustomOp1 for LinearGelu {
         .map_err(to_candle)?;
         let mut y = vec![0f32; pre.len()];
         gelu_par(&mut y, &pre);
+        profile::subnormals("FFN in + GELU (fwd)", &y);
         let _ = self.pre.set(pre);
         Ok((CpuStorage::F32(y), Shape::from((tokens, out))))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let start = std::time::Instant::now();
         let pre = self
             .pre
             .get()
@@ -853,6 +1067,7 @@ impl CustomOp1 for LinearGelu {
         let mut dx = vec![0f32; tokens * inp];
         with_f32(g, |g| {
             gelu_grad_par(&mut dpre, pre, g);
+            profile::subnormals("FFN in + GELU (bwd)", &dpre);
             with_f32(&self.proj.weight, |w| {
                 par_gemm_acc(
                     &mut dx,
@@ -865,6 +1080,9 @@ impl CustomOp1 for LinearGelu {
             })
         })
         .map_err(to_candle)?;
+        if profile::enabled() {
+            profile::add("FFN in + GELU (bwd)", start.elapsed());
+        }
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -1093,15 +1311,42 @@ impl Encoder {
                     .token_type
                     .forward(&Tensor::zeros(1, DType::U32, dev)?)?,
             )?;
-        let mut x = self.emb_norm.forward(&x)?;
+        let mut x = profile::time("embeddings + norm (fwd)", || self.emb_norm.forward(&x))?;
         for layer in &self.layers {
-            let q = layer.query.forward(&x)?;
-            let k = layer.key.forward(&x)?;
-            let v = layer.value.forward(&x)?;
-            let ctx = attention(&q, &k, &v, self.heads, mask)?;
-            let a = residual_norm(&layer.attn_out, &layer.attn_norm, &ctx, &x)?;
-            let act = linear_gelu(&layer.ffn_in, &a)?;
-            x = residual_norm(&layer.ffn_out, &layer.ffn_norm, &act, &a)?;
+            let adapted = |p: &Proj, x: &Tensor| -> candle_core::Result<Tensor> {
+                if !profile::enabled() || p.vars().is_empty() {
+                    return profile::time("adapted q/v (fwd)", || p.forward(x));
+                }
+                // Marks around the projection time its backward (see profile::Mark).
+                let clock = std::sync::Arc::new(std::sync::Mutex::new(None));
+                let mark = |start| profile::Mark {
+                    kind: "adapted q/v (bwd)",
+                    start,
+                    clock: clock.clone(),
+                };
+                let x = x.apply_op1(mark(false))?;
+                let y = profile::time("adapted q/v (fwd)", || p.forward(&x))?;
+                y.apply_op1(mark(true))
+            };
+            let q = adapted(&layer.query, &x)?;
+            let k = profile::time("frozen key proj (fwd)", || layer.key.forward(&x))?;
+            let v = adapted(&layer.value, &x)?;
+            let ctx = profile::time("attention (fwd)", || {
+                attention(&q, &k, &v, self.heads, mask)
+            })?;
+            let a = profile::time("attn out + norm (fwd)", || {
+                residual_norm(&layer.attn_out, &layer.attn_norm, &ctx, &x)
+            })?;
+            let act = profile::time("FFN in + GELU (fwd)", || linear_gelu(&layer.ffn_in, &a))?;
+            x = profile::time("FFN out + norm (fwd)", || {
+                residual_norm_kind(
+                    &layer.ffn_out,
+                    &layer.ffn_norm,
+                    &act,
+                    &a,
+                    "FFN out + norm (bwd)",
+                )
+            })?;
         }
         Ok(x)
     }
@@ -1232,33 +1477,13 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // Runtime settings
 
-/// Settings that make candle training faster on a small shared CPU; call first thing in `main`.
-///
-/// - glibc malloc: keep freed memory instead of returning it to the OS (a training step
-///   allocates and frees hundreds of MB in buffers of a few MB; returning them costs page faults
-///   and page zeroing on every step, ~15% of a step in a profile).
-/// - `RAYON_NUM_THREADS` (the logical core count) unless set: candle reads it on every matmul,
-///   and without it re-counts the cores from /proc/cpuinfo each time.
-/// - `CANDLE_NUM_THREADS=1` unless set: candle's elementwise ops then run on the calling thread
-///   instead of a spinning barrier pool (which burns CPU time when cores are shared); matrix
-///   products still use all cores (`RAYON_NUM_THREADS`), as do this module's custom ops.
+/// The crate's CPU training settings (`fourierft::runtime::init_cpu_training`): candle's
+/// elementwise ops on the calling thread instead of a second, spinning pool; freed buffers kept
+/// by glibc malloc; subnormal floats flushed to zero on every thread that runs kernels (the
+/// backward produces them, and on many Intel CPUs each GEMM operand that is subnormal costs a
+/// microcode assist). Call first thing in `main`.
 pub fn tune_runtime() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-    // candle's matmul asks for its thread count on every call and, without this variable,
-    // counts the physical cores by reading /proc/cpuinfo each time.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    fourierft::runtime::init_cpu_training();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ impl DeltaWeight {
             });
         }
         if coeffs.device().is_cpu() {
+            if coeffs.track_op() {
+                crate::runtime::ensure_training_policy();
+            }
             let op = DeltaWeightFft {
                 entries: self.entries.clone(),
                 alpha,

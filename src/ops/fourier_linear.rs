@@ -12,6 +12,7 @@ use super::gemm::{self, Mat};
 use super::{add_to_frozen, delta_weight, f32_slice};
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
+use crate::spectral::plans::{self, Pooled};
 use crate::spectral::{fft, forward};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use std::sync::{Arc, OnceLock};
@@ -21,8 +22,9 @@ struct FourierLinearCpu {
     alpha: f64,
     /// The bias (zeros for none).
     bias: Vec<f32>,
-    /// `W0 + ΔW` `(d1, d2)` from the forward, for the backward.
-    adapted: OnceLock<Arc<Vec<f32>>>,
+    /// `W0 + ΔW` `(d1, d2)` from the forward, for the backward: a pooled workspace, returned to
+    /// the pool when the graph is dropped and reused by the next step's forward.
+    adapted: OnceLock<Arc<Pooled<f32>>>,
 }
 
 impl CustomOp3 for FourierLinearCpu {
@@ -43,8 +45,9 @@ impl CustomOp3 for FourierLinearCpu {
         let x = f32_slice("input of a FourierFT layer", xs, xl)?;
         let c = f32_slice("spectral coefficients", cs, cl)?;
         let w0 = f32_slice("frozen weight", ws, wl)?;
-        let adapted =
-            fft::add_delta_weight(&self.entries, c, self.alpha, w0).map_err(Error::into_candle)?;
+        let mut adapted = plans::pooled_overwrite::<f32>(d1 * d2);
+        fft::add_delta_weight_into(&self.entries, c, self.alpha, w0, &mut adapted)
+            .map_err(Error::into_candle)?;
         let tokens = xl.dims()[0];
         let y = Mat::new("input of a FourierFT layer", x, tokens, d2)
             .and_then(|x| {
@@ -87,7 +90,7 @@ impl CustomOp3 for FourierLinearCpu {
 struct FourierLinearGrad {
     entries: Arc<SpectralEntries>,
     alpha: f64,
-    adapted: Arc<Vec<f32>>,
+    adapted: Arc<Pooled<f32>>,
     need_dx: bool,
 }
 
@@ -110,13 +113,16 @@ impl CustomOp2 for FourierLinearGrad {
         let (x_all, g_all) = (x, g);
         let run = || -> Result<Vec<f32>> {
             let g = Mat::new("gradient of a FourierFT layer", g, tokens, d1)?;
-            let mut packed = vec![0f32; if self.need_dx { tokens * d2 } else { 0 }];
+            // Sized for both parts at once, so appending dL/dc never reallocates.
+            let dx_len = if self.need_dx { tokens * d2 } else { 0 };
+            let mut packed = Vec::with_capacity(dx_len + self.entries.len());
+            packed.resize(dx_len, 0f32);
             if self.need_dx {
                 let w = Mat::new("adapted weight", &self.adapted, d1, d2)?;
                 gemm::par_matmul_into(&mut packed, g, w, false)?;
             }
             // dL/dc straight from per-token spectra: no d1×d2 gradient gᵀ·x.
-            packed.extend(forward::coeff_grad(
+            packed.extend_from_slice(&forward::coeff_grad(
                 &self.entries,
                 self.alpha,
                 x_all,
@@ -208,6 +214,9 @@ pub fn fourier_linear(
             Some(b) => y.broadcast_add(b)?,
             None => y,
         });
+    }
+    if coeffs.track_op() {
+        crate::runtime::ensure_training_policy();
     }
     let op = FourierLinearCpu {
         entries: entries.clone(),

@@ -91,6 +91,9 @@ impl CustomOp2 for AttachGrad {
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let weight = weight.detach();
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if x.track_op() && x.device().is_cpu() {
+        crate::runtime::ensure_training_policy();
+    }
     if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.map_or(true, cpu_f32) {
         return frozen_linear_cpu(x, &weight, bias);
     }

@@ -74,10 +74,8 @@ impl CustomOp3 for SpectralLinearGrad {
         let x = f32_slice("input of the spectral forward", xs, xl)?;
         let c = f32_slice("spectral coefficients", cs, cl)?;
         let g = f32_slice("gradient of the spectral forward", gs, gl)?;
-        let (dx, dc) = forward::backward(&self.entries, c, self.alpha, x, g, self.need_dx)
+        let packed = forward::backward_packed(&self.entries, c, self.alpha, x, g, self.need_dx)
             .map_err(Error::into_candle)?;
-        let mut packed = dx.unwrap_or_default();
-        packed.extend_from_slice(&dc);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
@@ -130,6 +128,9 @@ pub fn spectral_linear(
             what(),
             x.device().location()
         )));
+    }
+    if coeffs.track_op() {
+        crate::runtime::ensure_training_policy();
     }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;

@@ -87,7 +87,42 @@ fn delta_weight_onto(
     alpha: f64,
     base: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
+    let (d1, d2) = entries.shape();
+    let mut out = vec![0f32; d1 * d2];
+    delta_weight_into(entries, coeffs, alpha, base, &mut out)?;
+    Ok(out)
+}
+
+/// `base + ΔW` (or ΔW) written into `out` (`d1·d2` values, every one overwritten, so `out` may
+/// hold anything on entry): the fused layer's pooled workspace.
+pub(crate) fn add_delta_weight_into(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    base: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    check_len(
+        "base weight (flattened)",
+        base.len(),
+        entries.d1() * entries.d2(),
+    )?;
+    delta_weight_into(entries, coeffs, alpha, Some(base), out)
+}
+
+fn delta_weight_into(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    base: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     check_len("spectral coefficients", coeffs.len(), entries.len())?;
+    check_len(
+        "ΔW output (flattened)",
+        out.len(),
+        entries.d1() * entries.d2(),
+    )?;
     let (d1, d2) = entries.shape();
     let groups = entries.column_groups();
     let rows = entries.rows();
@@ -120,7 +155,7 @@ fn delta_weight_onto(
         );
     }
     let inv_d1 = plans::complex_inverse(d1);
-    let mut cols = plans::pooled(bins.len() * d1);
+    let mut cols = plans::pooled::<Complex32>(bins.len() * d1);
     cols.par_chunks_mut(d1)
         .zip(&bins)
         .for_each(|(col, (_, contrib))| {
@@ -142,7 +177,6 @@ fn delta_weight_onto(
     let top = d1 / 2 + 1;
     let c2r = plans::real_inverse(d2);
     let bl = block_rows(top, half);
-    let mut out = vec![0f32; d1 * d2];
     let (out_top, out_bottom) = out.split_at_mut(top * d2);
     out_top
         .par_chunks_mut(bl * d2)
@@ -186,7 +220,7 @@ fn delta_weight_onto(
                 o.iter_mut().zip(b).for_each(|(o, b)| *o += b);
             });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Gradient of a loss with respect to the coefficients, given `grad = dL/dΔW` (row-major `d1×d2`):

@@ -79,11 +79,25 @@ fn per_token(
     cs: &[f32],
 ) -> Result<Vec<f32>> {
     let tokens = input.len() / len_a;
+    let mut out = vec![0f32; tokens * len_b];
+    per_token_into(input, (len_a, from), (len_b, to), cs, &mut out)?;
+    Ok(out)
+}
+
+/// [`per_token`] into `out` (`tokens · len_b` values, all overwritten).
+fn per_token_into(
+    input: &[f32],
+    (len_a, from): (usize, &[u32]),
+    (len_b, to): (usize, &[u32]),
+    cs: &[f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let tokens = input.len() / len_a;
+    check_len("output of the spectral product", out.len(), tokens * len_b)?;
     let (half_a, half_b) = (len_a / 2 + 1, len_b / 2 + 1);
     let (r2c, c2r) = (plans::real_forward(len_a), plans::real_inverse(len_b));
     let scratch_len = r2c.get_scratch_len().max(c2r.get_scratch_len());
     let bt = block_tokens(tokens);
-    let mut out = vec![0f32; tokens * len_b];
     out.par_chunks_mut(bt * len_b)
         .zip(input.par_chunks(bt * len_a))
         .try_for_each(|(out_blk, in_blk)| {
@@ -91,7 +105,7 @@ fn per_token(
                 let plans::Buffers {
                     scratch,
                     complex: [spec, h, _],
-                    real: [a_in, _],
+                    real: [a_in, _, _],
                 } = b;
                 let scratch = plans::sized(scratch, scratch_len);
                 let (spec, h) = (plans::sized(spec, half_a), plans::sized(h, half_b));
@@ -114,8 +128,7 @@ fn per_token(
                 }
                 Ok::<(), Error>(())
             })
-        })?;
-    Ok(out)
+        })
 }
 
 /// The number of tokens of `x` `(tokens, d2)` and `g = dL/dy` `(tokens, d1)`, checked to agree.
@@ -143,16 +156,40 @@ pub fn backward(
     g: &[f32],
     need_dx: bool,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+    let n = entries.len();
+    let mut packed = backward_packed(entries, coeffs, alpha, x, g, need_dx)?;
+    let dc = packed.split_off(packed.len() - n);
+    Ok((need_dx.then_some(packed), dc))
+}
+
+/// [`backward`] as one buffer `[dL/dx (flattened, if need_dx) | dL/dc]`, allocated once at its
+/// final size (the layout the spectral op hands to candle).
+pub(crate) fn backward_packed(
+    entries: &SpectralEntries,
+    coeffs: &[f32],
+    alpha: f64,
+    x: &[f32],
+    g: &[f32],
+    need_dx: bool,
+) -> Result<Vec<f32>> {
     check_len("spectral coefficients", coeffs.len(), entries.len())?;
-    grad_tokens(entries, x, g)?;
-    let dc = coeff_grad(entries, alpha, x, g)?;
-    if !need_dx {
-        return Ok((None, dc));
-    }
+    let tokens = grad_tokens(entries, x, g)?;
     let (d1, d2) = entries.shape();
-    let cs = scaled(coeffs, alpha, d1, d2, 0.5);
-    let dx = per_token(g, (d1, entries.rows()), (d2, entries.cols()), &cs)?;
-    Ok((Some(dx), dc))
+    let dx_len = if need_dx { tokens * d2 } else { 0 };
+    let mut packed = Vec::with_capacity(dx_len + entries.len());
+    packed.resize(dx_len, 0f32);
+    if need_dx {
+        let cs = scaled(coeffs, alpha, d1, d2, 0.5);
+        per_token_into(
+            g,
+            (d1, entries.rows()),
+            (d2, entries.cols()),
+            &cs,
+            &mut packed,
+        )?;
+    }
+    packed.extend_from_slice(&coeff_grad(entries, alpha, x, g)?);
+    Ok(packed)
 }
 
 /// Tokens whose spectra are stored together, frequency-major, in [`coeff_grad`].
@@ -268,7 +305,7 @@ pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -
                 let plans::Buffers {
                     scratch,
                     complex: [xs, gs, _],
-                    real: [xin, gin],
+                    real: [xin, gin, spec],
                 } = b;
                 let scratch = plans::sized(scratch, scratch_len);
                 let (xt, gt) = (
@@ -276,8 +313,9 @@ pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -
                     plans::sized(gs, TILE * half1),
                 );
                 let (xin, gin) = (plans::sized(xin, d2), plans::sized(gin, d1));
-                // Frequency-major spectra of up to GRAD_BLOCK tokens: [bin][token].
-                let mut spec = vec![0f32; 2 * (half1 + half2) * GRAD_BLOCK];
+                // Frequency-major spectra of up to GRAD_BLOCK tokens: [bin][token] (this
+                // thread's workspace; every value read is written first for each sub-block).
+                let spec = plans::sized(spec, 2 * (half1 + half2) * GRAD_BLOCK);
                 let (g_re, rest) = spec.split_at_mut(half1 * GRAD_BLOCK);
                 let (g_im, rest) = rest.split_at_mut(half1 * GRAD_BLOCK);
                 let (x_re, x_im) = rest.split_at_mut(half2 * GRAD_BLOCK);

@@ -45,7 +45,7 @@ pub(crate) fn real_inverse(len: usize) -> Arc<dyn ComplexToReal<f32>> {
 pub(crate) struct Buffers {
     pub scratch: Vec<Complex32>,
     pub complex: [Vec<Complex32>; 3],
-    pub real: [Vec<f32>; 2],
+    pub real: [Vec<f32>; 3],
 }
 
 /// Runs `f` with this thread's buffers. `f` must not call back into rayon.
@@ -74,50 +74,90 @@ pub(crate) fn fft_error(e: realfft::FftError) -> crate::Error {
     )))
 }
 
-/// A large zeroed complex buffer taken from a small process-wide pool and returned on drop, so
-/// repeated calls do not pay fresh pages (page faults and kernel zeroing) every time.
-pub(crate) struct Pooled(Vec<Complex32>);
-
-const POOL_SIZE: usize = 2;
-
-fn pool() -> &'static Mutex<Vec<Vec<Complex32>>> {
-    static POOL: OnceLock<Mutex<Vec<Vec<Complex32>>>> = OnceLock::new();
-    POOL.get_or_init(Default::default)
+/// Element types with a process-wide pool of large buffers.
+pub(crate) trait PoolElem: Copy + Default + Send + 'static {
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>>;
 }
 
-/// A zeroed buffer of `len` complex values.
-pub(crate) fn pooled(len: usize) -> Pooled {
-    let mut v = {
-        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
-        // Prefer a buffer that is already big enough.
-        match p.iter().position(|b| b.capacity() >= len) {
-            Some(i) => p.swap_remove(i),
-            None => p.pop().unwrap_or_default(),
-        }
-    };
+impl PoolElem for Complex32 {
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>> {
+        static POOL: OnceLock<Mutex<Vec<Vec<Complex32>>>> = OnceLock::new();
+        POOL.get_or_init(Default::default)
+    }
+}
+
+impl PoolElem for f32 {
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>> {
+        static POOL: OnceLock<Mutex<Vec<Vec<f32>>>> = OnceLock::new();
+        POOL.get_or_init(Default::default)
+    }
+}
+
+/// A large buffer taken from a small process-wide pool and returned to it on drop, so repeated
+/// calls (one per layer and step) neither allocate nor fault in fresh pages: workspaces live
+/// across training steps whatever the allocator does with freed memory.
+pub struct Pooled<T: PoolElem>(Vec<T>);
+
+/// Buffers kept per element type: enough for the adapted layers of a small model (each holds
+/// its `W0 + ΔW` from the forward until its backward).
+const POOL_SIZE: usize = 32;
+
+fn take<T: PoolElem>(len: usize) -> Vec<T> {
+    let mut p = T::pool().lock().unwrap_or_else(|e| e.into_inner());
+    // The smallest buffer that is big enough, else the biggest one (grown by the caller).
+    let fit = p
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= len)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i);
+    match fit {
+        Some(i) => p.swap_remove(i),
+        None => p
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)
+            .map(|i| p.swap_remove(i))
+            .unwrap_or_default(),
+    }
+}
+
+/// A zeroed pooled buffer of `len` values.
+pub(crate) fn pooled<T: PoolElem>(len: usize) -> Pooled<T> {
+    let mut v = take::<T>(len);
     v.clear();
-    v.resize(len, Complex32::default());
+    v.resize(len, T::default());
     Pooled(v)
 }
 
-impl Drop for Pooled {
+/// A pooled buffer of `len` values whose contents are unspecified (left from an earlier use, or
+/// zero): for outputs that are overwritten in full, so no pass zero-fills them first.
+pub(crate) fn pooled_overwrite<T: PoolElem>(len: usize) -> Pooled<T> {
+    let mut v = take::<T>(len);
+    v.truncate(len);
+    v.resize(len, T::default());
+    Pooled(v)
+}
+
+impl<T: PoolElem> Drop for Pooled<T> {
     fn drop(&mut self) {
-        let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = T::pool().lock().unwrap_or_else(|e| e.into_inner());
         if p.len() < POOL_SIZE {
             p.push(std::mem::take(&mut self.0));
         }
     }
 }
 
-impl std::ops::Deref for Pooled {
-    type Target = [Complex32];
-    fn deref(&self) -> &[Complex32] {
+impl<T: PoolElem> std::ops::Deref for Pooled<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl std::ops::DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut [Complex32] {
+impl<T: PoolElem> std::ops::DerefMut for Pooled<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.0
     }
 }
