@@ -2,6 +2,7 @@
 """Writes the seed corpora fuzz/seeds/<target>/ from the real PEFT fixtures in tests/fixtures/.
 
 Input formats (see src/lib.rs): load_adapter = u32 len | config | safetensors;
+load_adapter_bin = u32 len | config | adapter_model.bin;
 merge = u32 len | config | u32 len | adapter safetensors | base safetensors.
 Besides the files as PEFT wrote them, seeds re-encode tensors as F16, BF16 and F64.
 Run from anywhere: python3 fuzz/make_seeds.py
@@ -105,6 +106,14 @@ def main():
             base = st_bytes(bases[name], dt)
             seed = prefixed(config) + prefixed(spectra) + base
             (OUT / "merge" / f"{name}_base_{dt.lower()}").write_bytes(seed)
+
+    # load_adapter_bin: PEFT's adapter_model.bin (torch.save zip archives) as written.
+    (OUT / "load_adapter_bin").mkdir(parents=True, exist_ok=True)
+    for case in ["llama_bin"]:
+        adir = FIX / "peft_formats" / case / "adapter"
+        config = (adir / "adapter_config.json").read_bytes()
+        seed = prefixed(config) + (adir / "adapter_model.bin").read_bytes()
+        (OUT / "load_adapter_bin" / case).write_bytes(seed)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! files by concatenation (see `make_seeds.py`) and libFuzzer can mutate each part.
 //!
 //! `load_adapter`: `u32 LE len | adapter_config.json (len bytes) | adapter_model.safetensors`.
+//! `load_adapter_bin`: `u32 LE len | adapter_config.json | adapter_model.bin`.
 //! `merge`: `u32 LE len | adapter_config.json | u32 LE len | adapter_model.safetensors | base`.
 
 /// Splits off a part prefixed by its length (u32, little endian); `None` if `data` is too short.
