@@ -60,6 +60,10 @@ struct Args {
     /// Time one training step of a hidden-1024, 8-layer Llama on 512 tokens instead.
     #[arg(long)]
     bench: bool,
+    /// With --bench: time the alternative design instead (a backend serving `W0 + ΔW(c)` as
+    /// graph tensors, the model rebuilt every step).
+    #[arg(long)]
+    graph_weights: bool,
     /// Timed steps in --bench (median reported).
     #[arg(long, default_value_t = 5)]
     bench_steps: usize,
@@ -187,6 +191,123 @@ fn batch(
     ))
 }
 
+/// The alternative design, for `--bench --graph-weights`: adapted weights served as
+/// `W0 + ΔW(c)` graph tensors (gradient to c through the delta-weight op), model rebuilt per step.
+struct GraphBackend {
+    base: VarBuilder<'static>,
+    adapters: std::collections::HashMap<String, fourierft::Adapter>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for GraphBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let w0 = self.base.get_with_hints_dtype(s, name, h, dtype)?.detach();
+        match name
+            .strip_suffix(".weight")
+            .and_then(|p| self.adapters.get(p))
+        {
+            Some(a) => w0 + a.delta_weight()?.to_device(dev)?,
+            None => Ok(w0.to_device(dev)?),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Ok(self.base.get_unchecked_dtype(name, dtype)?.detach())
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.base.contains_tensor(name)
+    }
+}
+
+fn bench_graph(
+    cfg: &Config,
+    varmap: &VarMap,
+    ids: &Tensor,
+    target: &Tensor,
+    steps: usize,
+) -> Result<f64> {
+    let dev = Device::Cpu;
+    let base = VarBuilder::from_varmap(varmap, DType::F32, &dev);
+    let config = FourierFTConfig {
+        n_frequency: 1000,
+        scaling: 150.0,
+        init_seed: Some(0),
+        ..Default::default()
+    };
+    let mut adapters = std::collections::HashMap::new();
+    for (name, var) in varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .iter()
+    {
+        if name.ends_with("q_proj.weight") || name.ends_with("v_proj.weight") {
+            let path = name.trim_end_matches(".weight").to_string();
+            let layer = fourierft::FourierLinear::from_parts(var.as_tensor().clone(), None, false)?
+                .with_name(path.clone());
+            layer.add_adapter("default", &config)?;
+            adapters.insert(path, layer.adapter("default")?);
+        }
+    }
+    let vars: Vec<_> = adapters.values().map(|a| a.spectrum().clone()).collect();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let backend = std::sync::Arc::new(GraphBackend { base, adapters });
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let t = Instant::now();
+        let vb = VarBuilder::from_backend(
+            Box::new(ArcBackend(backend.clone())),
+            DType::F32,
+            dev.clone(),
+        );
+        let model = Llama::load(vb, cfg)?; // rebuilt every step
+        let loss = candle_nn::loss::cross_entropy(&last_logits(&model, cfg, ids)?, target)?;
+        opt.backward_step(&loss)?;
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+struct ArcBackend(std::sync::Arc<GraphBackend>);
+
+impl candle_nn::var_builder::SimpleBackend for ArcBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
 fn bench(args: &Args) -> Result<()> {
     let dev = Device::Cpu;
     let cfg = bench_config();
@@ -197,6 +318,15 @@ fn bench(args: &Args) -> Result<()> {
     let plain = Llama::load(base.clone(), &cfg)?;
     let build_ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(plain);
+    if args.graph_weights {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+        let (ids, target) = batch(&mut rng, 1, tokens, vocab, &dev)?;
+        let ms = bench_graph(&cfg, &varmap, &ids, &target, args.bench_steps)?;
+        println!("design: W0 + ΔW(c) as graph tensors, model rebuilt every step");
+        println!("train_step_ms {ms:.1}");
+        println!("peak_rss_mb {:.1}", peak_rss_mb());
+        return Ok(());
+    }
     let config = FourierFTConfig {
         target_modules: Some(ModuleSelector::Names(vec![
             "q_proj".into(),

@@ -343,6 +343,12 @@ fn frozen_weights_get_no_gradient_and_sync_is_required() -> Result<()> {
     ));
     trainer.sync()?;
     trainer.backward(&model.loss(ids, targets)?)?;
+
+    // A loss no gradient flows back from (as with candle-nn's unpatched fused ops): an error
+    // naming the module, not a silently untrained layer.
+    let cut = model.loss(ids, targets)?.detach();
+    let e = trainer.backward(&cut).unwrap_err();
+    assert!(e.to_string().contains("self_attn.q_proj"), "{e}");
     Ok(())
 }
 
