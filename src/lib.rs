@@ -32,6 +32,7 @@
 //! - [`inject`]: model-level injection of FourierLinear layers by module path.
 //! - [`backend`]: a `VarBuilder` backend serving merged weights to unmodified candle models.
 //! - [`runtime`]: the CPU training policy (subnormals flushed to zero, freed buffers reused).
+//! - [`train`]: training an adapter on an unmodified model ([`StockTrainer`]).
 //!
 //! # Quick start
 //!
