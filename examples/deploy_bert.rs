@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let h = config.hidden_size;
     let w0 = base_vb.get((h, h), &name)?;
     let entries = SpectralEntries::uniform(h, h, spectrum.elem_count(), c.random_loc_seed)?;
-    let dw = fourierft::ops::delta_weight(&entries, spectrum, c.effective_scaling(h, h))?;
+    let dw = fourierft::ops::delta_weight(&entries, spectrum, c.scaling)?;
     let served = merged.var_builder().get((h, h), &name)?;
     println!(
         "check {name}: |served - (W0 + ΔW)| max {:.2e}, |ΔW| max {:.3e}",

@@ -3,8 +3,11 @@
 
 How to run (from the repository root):
 
-    python3 -m venv .venv && .venv/bin/pip install torch peft safetensors \
-        && .venv/bin/python scripts/make_peft_fixtures.py
+    python3 -m venv .venv && .venv/bin/pip install torch peft safetensors transformers \
+        && .venv/bin/python scripts/make_peft_fixtures.py [mlp|interop|formats|all]
+
+`interop` writes tests/fixtures/peft_interop/<case>/ from tiny random-init transformers models
+(see `interop()`); `formats` runs scripts/make_peft_format_fixtures.py.
 
 Writes (all small, a few tens of KB):
   adapter/adapter_model.safetensors, adapter/adapter_config.json  -- PEFT's own save_pretrained output
@@ -166,5 +169,107 @@ def main():
     print("wrote", os.path.normpath(OUT), versions)
 
 
+INTEROP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "peft_interop")
+
+
+def tiny_models():
+    """Tiny random-init transformers models, one per interop case: (case, model, peft kwargs)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    llama = tf.LlamaForCausalLM(
+        tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+    )
+    gpt2 = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                      tie_word_embeddings=False)
+    )
+    bert_cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+    seqcls = tf.BertForSequenceClassification(tf.BertConfig(**bert_cfg))
+    bias_all = tf.BertForSequenceClassification(tf.BertConfig(**bert_cfg))
+    common = dict(scaling=100.0, random_loc_seed=2024, init_weights=False)
+    return [
+        # lm_head targeted with PEFT's default save: the file also stores lm_head.base_layer.weight.
+        ("llama_lm_head", llama, dict(n_frequency=40, target_modules=["q_proj", "v_proj", "lm_head"], **common)),
+        # Conv1D (c_attn, c_proj) next to an nn.Linear lm_head: the file's fan_in_fan_out is the
+        # last module's (false), attn.c_proj is square.
+        ("gpt2_mixed", gpt2, dict(n_frequency=40, target_modules=["c_attn", "c_proj", "lm_head"], **common)),
+        # SEQ_CLS: PEFT adds classifier/score to modules_to_save and saves the head.
+        ("bert_seqcls", seqcls, dict(n_frequency=40, target_modules=["query", "value"], task_type="SEQ_CLS", **common)),
+        # bias="all": every *.bias of the model trains and is saved (layer norms included).
+        ("bert_bias_all", bias_all, dict(n_frequency=40, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                         bias="all", **common)),
+    ]
+
+
+def interop():
+    """tests/fixtures/peft_interop/<case>/: base/ (config.json + model.safetensors as transformers
+    saves them), adapter/ (PEFT's save_pretrained with default settings), merged.safetensors
+    (merge_and_unload().state_dict()), io.safetensors (input_ids, base / unmerged / merged logits)."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    for case, model, kwargs in tiny_models():
+        out = os.path.join(INTEROP, case)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
+        model.eval()
+        model.save_pretrained(os.path.join(out, "base"), safe_serialization=True)
+        for extra in ["generation_config.json"]:
+            path = os.path.join(out, "base", extra)
+            if os.path.exists(path):
+                os.remove(path)
+        ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            logits_base = model(input_ids=ids).logits
+        peft_model = get_peft_model(model, FourierFTConfig(**kwargs)).eval()
+        # Stand in for training: move every trainable tensor that is not a spectrum (heads, biases)
+        # away from its base value, so a loader that drops them fails.
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad and "fourierft_spectrum" not in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        adapter_dir = os.path.join(out, "adapter")
+        peft_model.save_pretrained(adapter_dir)
+        os.remove(os.path.join(adapter_dir, "README.md"))
+        with torch.no_grad():
+            logits_adapted = peft_model(input_ids=ids).logits
+            merged = copy.deepcopy(peft_model).merge_and_unload()
+            logits_merged = merged(input_ids=ids).logits
+        assert rel_err(logits_merged, logits_adapted) < 1e-5, case
+        sd = {k: v.detach().contiguous().clone() for k, v in merged.state_dict().items()}
+        save_file(sd, os.path.join(out, "merged.safetensors"))
+        save_file(
+            {"input_ids": ids, "logits_base": logits_base, "logits_adapted": logits_adapted,
+             "logits_merged": logits_merged},
+            os.path.join(out, "io.safetensors"),
+            metadata={"peft_version": peft.__version__, "torch_version": torch.__version__},
+        )
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+            saved = json.load(f)
+        print(f"{case}: fan_in_fan_out={saved['fan_in_fan_out']} modules_to_save={saved['modules_to_save']} "
+              f"bias={saved['bias']} target_modules={saved['target_modules']}")
+
+
 if __name__ == "__main__":
-    main()
+    # adapter_config.json stores target_modules from a Python set: pin the hash seed so its order is stable.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which in ("mlp", "all"):
+        main()
+    if which in ("interop", "all"):
+        interop()
+    if which in ("formats", "all"):
+        here = os.path.dirname(os.path.abspath(__file__))
+        formats = os.path.join(here, "make_peft_format_fixtures.py")
+        if os.path.exists(formats):
+            import subprocess
+
+            subprocess.run([sys.executable, formats], check=True)

@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/peft_roundtrip.py make    # (a) PEFT -> Rust fixtures
     .venv/bin/python scripts/peft_roundtrip.py check   # (b) Rust -> PEFT check
+    .venv/bin/python scripts/peft_roundtrip.py check-seqcls  # Rust-trained head + biases -> PEFT
 
 (a) `make` builds a toy GPT-2-like model (non-square nn.Linear and transformers Conv1D layers),
 adapts it with PEFT (regex target_modules, n_frequency_pattern, seed != 777, fan_in_fan_out on
@@ -285,6 +286,44 @@ def check():
     sys.exit(0 if ok else 1)
 
 
+# ---------------------------------------------------------------- SEQ_CLS with bias="all" (Rust -> PEFT)
+
+class SeqCls(nn.Module):
+    """The toy classifier of tests/peft_interop.rs (`SeqCls`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 16)
+        self.ln = nn.LayerNorm(16, eps=1e-5)
+        self.query = nn.Linear(16, 16)
+        self.value = nn.Linear(16, 20)
+        self.classifier = nn.Linear(20, 3)
+
+    def forward(self, x):
+        h = self.value(torch.relu(self.query(self.ln(self.embed(x)))))
+        return self.classifier(h.mean(1))
+
+
+def check_seqcls():
+    """Loads tests/fixtures/rust_seqcls/adapter (trained in Rust: spectra, the classifier head in
+    modules_to_save, every bias with bias="all") with PeftModel.from_pretrained and compares the
+    logits with Rust's."""
+    fixture = os.path.join(ROOT, "rust_seqcls")
+    model = SeqCls().eval()
+    model.load_state_dict(load_file(os.path.join(fixture, "base.safetensors")))
+    expected = load_file(os.path.join(fixture, "expected.safetensors"))
+    peft_model = PeftModel.from_pretrained(model, os.path.join(fixture, "adapter")).eval()
+    cfg = peft_model.peft_config["default"]
+    print(f"loaded: task_type={cfg.task_type} bias={cfg.bias} modules_to_save={cfg.modules_to_save}")
+    with torch.no_grad():
+        found = peft_model.base_model.model(expected["x"])
+        merged = peft_model.merge_and_unload()(expected["x"])
+    rel = max(rel_err(found, expected["y_adapted"]), rel_err(merged, expected["y_adapted"]))
+    print(f"SEQ_CLS bias=all (Rust -> PEFT): logits rel err {rel:.3e}", "PASS" if rel <= TOL else "FAIL",
+          versions())
+    sys.exit(0 if rel <= TOL else 1)
+
+
 # ---------------------------------------------------------------- MiniLM (deploy_bert)
 
 def minilm(assets="target/demo-assets", adapter="target/demo-out/deploy-demo-adapter",
@@ -309,7 +348,7 @@ def minilm(assets="target/demo-assets", adapter="target/demo-out/deploy-demo-ada
 
 
 if __name__ == "__main__":
-    commands = {"make": make, "check": check, "minilm": minilm}
+    commands = {"make": make, "check": check, "check-seqcls": check_seqcls, "minilm": minilm}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     commands[sys.argv[1]](*sys.argv[2:])

@@ -3,18 +3,18 @@
 //! load merged weights.
 
 use crate::error::{Error, Result};
-use crate::peft::{resolve_fan_in_fan_out, PeftAdapter};
+use crate::peft::{Orientation, PeftAdapter, StoredShape, KEY_PREFIX};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 /// A [`SimpleBackend`] over a base [`VarBuilder`] that merges a [`PeftAdapter`] at load time.
 ///
 /// For module `<path>` of the adapter, a request for `<prefix><path>.weight` returns
 /// `W0 + ΔW` (computed in f32 from the base weight, then cast to the requested dtype; `(in, out)`
-/// weights per [`resolve_fan_in_fan_out`]); a request for `<prefix><name>` of one of the adapter's
+/// weights per [`Orientation`], see [`with_orientation`](Self::with_orientation)); a request for `<prefix><name>` of one of the adapter's
 /// extra tensors (trained biases, `modules_to_save`) returns that tensor; anything else comes
 /// from the base unchanged. The model pays nothing at inference time: its weights are plain
 /// tensors.
@@ -59,18 +59,71 @@ impl<'a> MergedBackend<'a> {
         }
     }
 
+    /// Uses what is known about the layout of the weights (an explicit `(in, out)` regex or the
+    /// base model's `config.json`) instead of the adapter file's `fan_in_fan_out` alone, which
+    /// PEFT writes for the last adapted module only. Without it, a square weight whose layout
+    /// the files cannot prove fails to load with an [`Error::Config`] naming it.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # use fourierft::{backend::MergedBackend, config::ModuleSelector, peft::*, FourierFTConfig};
+    /// # let cfg = FourierFTConfig { n_frequency: 2, target_modules: Some(ModuleSelector::Names(vec!["c_proj".into()])), ..Default::default() };
+    /// # let c = candle_core::Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+    /// # let adapter = PeftAdapter::new(cfg, [("h.0.attn.c_proj".to_string(), c)].into(), Default::default())?;
+    /// # let base = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    /// let config = serde_json::json!({"model_type": "gpt2"}); // the base model's config.json
+    /// let merged = MergedBackend::new(base, adapter)
+    ///     .with_orientation(Orientation::new().with_model_config(&config)?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_orientation(mut self, orientation: Orientation) -> Self {
+        self.inner.orientation = Arc::new(orientation);
+        self
+    }
+
     /// A [`VarBuilder`] over this backend, with the base's dtype, device and prefix.
     pub fn var_builder(&self) -> VarBuilder<'a> {
         self.inner.clone().into_var_builder()
     }
 
+    /// Builds a model through this backend and checks it ([`check_all_used`](Self::check_all_used))
+    /// before returning it: the checked path in one call.
+    ///
+    /// ```no_run
+    /// # use candle_core::{DType, Device};
+    /// # use candle_nn::VarBuilder;
+    /// # use candle_transformers::models::bert::{BertModel, Config};
+    /// # use fourierft::{backend::MergedBackend, peft::PeftAdapter};
+    /// # fn main() -> anyhow::Result<()> {
+    /// # let base = unsafe { VarBuilder::from_mmaped_safetensors(&["model.safetensors"], DType::F32, &Device::Cpu)? };
+    /// # let config: Config = serde_json::from_str(&std::fs::read_to_string("config.json")?)?;
+    /// let merged = MergedBackend::new(base, PeftAdapter::load("my-adapter")?);
+    /// let bert = merged.load(|vb| BertModel::load(vb, &config))?; // errors if the adapter does not fit
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The model's own error, or those of [`check_all_used`](Self::check_all_used).
+    pub fn load<M>(
+        &self,
+        build: impl FnOnce(VarBuilder<'a>) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let model = build(self.var_builder())?;
+        self.check_all_used()?;
+        Ok(model)
+    }
+
     /// Checks that every adapted weight and extra tensor of the adapter was requested: a name the
-    /// model never asked for means the adapter does not fit it (wrong prefix, wrong model). Also
+    /// model never asked for means the adapter does not fit it (wrong prefix, wrong model), or that
+    /// the model has no module for a tensor the adapter trained in full (a classification head
+    /// candle-transformers' models do not build: load it through the same `VarBuilder`). Also
     /// checks that no weight of a module the configuration targets was requested without the
     /// adapter having its spectrum (it was served unmerged).
     ///
     /// # Errors
-    /// [`Error::Config`] listing the unused names; [`Error::File`] naming the missing spectrum.
+    /// [`Error::Config`] listing the unused names and what to do; [`Error::File`] naming the
+    /// missing spectrum.
     pub fn check_all_used(&self) -> Result<()> {
         self.inner.check_all_used()
     }
@@ -87,11 +140,19 @@ pub(crate) struct AdapterBackend<'a> {
     /// Base tensor name → name of the adapter's extra tensor.
     extras: HashMap<String, String>,
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Names the model asked for that were served from the base unchanged (for hints).
+    requested: Arc<Mutex<BTreeSet<String>>>,
     /// Weights of targeted modules without a spectrum that were served unmerged, with their
     /// module paths.
     unadapted: Arc<Mutex<BTreeSet<(String, String)>>>,
     /// A context id answered to [`CONTEXT_KEY`] requests.
     context: Option<u32>,
+    /// How adapted weights' layouts are decided.
+    orientation: Arc<Orientation>,
+    /// Stored shapes of every adapted module, read once when a layout needs them.
+    shapes: Arc<OnceLock<BTreeMap<String, StoredShape>>>,
+    /// Tensors trained in full (a context's `modules_to_save` and biases), served as `Var`s.
+    trained: Option<Arc<crate::inject::TrainedTensors>>,
 }
 
 /// The tensor name under which a context backend answers its context id.
@@ -118,7 +179,19 @@ impl<'a> AdapterBackend<'a> {
             extras,
             used: Arc::default(),
             unadapted: Arc::default(),
+            requested: Arc::default(),
             context,
+            orientation: Arc::default(),
+            shapes: Arc::default(),
+            trained: None,
+        }
+    }
+
+    /// Serves the tensors `trained` decides to train in full as its `Var`s.
+    pub(crate) fn with_trained(self, trained: Arc<crate::inject::TrainedTensors>) -> Self {
+        Self {
+            trained: Some(trained),
+            ..self
         }
     }
 
@@ -150,32 +223,59 @@ impl<'a> AdapterBackend<'a> {
 
     pub(crate) fn check_all_used(&self) -> Result<()> {
         let used = lock(&self.used);
-        let unused: BTreeSet<&String> = self
-            .merged
-            .keys()
-            .chain(self.extras.keys())
-            .filter(|n| !used.contains(*n))
-            .collect();
-        if unused.is_empty() {
-            let unadapted = lock(&self.unadapted);
-            return match (unadapted.iter().next(), &self.adapter) {
-                (Some((name, path)), Some(adapter)) => {
-                    let context = format!(" (weight {name:?} was loaded without it, unmerged)");
-                    Err(adapter.missing_spectrum(path, &context))
-                }
-                _ => Ok(()),
-            };
-        }
+        let unused = |names: &HashMap<String, String>| -> Vec<String> {
+            let mut v: Vec<String> = names
+                .keys()
+                .filter(|n| !used.contains(*n))
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        let (weights, extras) = (unused(&self.merged), unused(&self.extras));
         let source = self
             .adapter
             .as_ref()
             .and_then(|a| a.source())
             .map_or("the adapter".to_string(), |p| p.display().to_string());
-        Err(Error::Config(format!(
-            "{source}: the model never loaded {unused:?} (base prefix {:?}); the adapter does not \
-             fit this model",
-            self.prefix
-        )))
+        if let Some(first) = weights.first() {
+            let requested = lock(&self.requested);
+            let hint = self
+                .merged
+                .get(first)
+                .map(|path| {
+                    crate::peft::prefix_hint(
+                        path,
+                        &self.prefix,
+                        requested.iter().map(String::as_str),
+                    )
+                })
+                .unwrap_or_default();
+            return Err(Error::Config(format!(
+                "{source}: the model never asked for the adapted weights {weights:?} (base prefix \
+                 {:?}){hint}; the adapter does not fit this model as loaded",
+                self.prefix
+            )));
+        }
+        if !extras.is_empty() {
+            return Err(Error::Config(format!(
+                "{source}: the model never asked for {extras:?}, which the adapter trained in full \
+                 (modules_to_save such as a classification head, or biases); build those modules \
+                 through the same VarBuilder (e.g. candle_nn::linear(hidden, labels, \
+                 vb.pp(\"classifier\")): candle-transformers' models have no task heads), or \
+                 check the base prefix ({:?})",
+                self.prefix
+            )));
+        }
+        drop(used);
+        let unadapted = lock(&self.unadapted);
+        match (unadapted.iter().next(), &self.adapter) {
+            (Some((name, path)), Some(adapter)) => {
+                let context = format!(" (weight {name:?} was loaded without it, unmerged)");
+                Err(adapter.missing_spectrum(path, &context))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn mark(&self, name: &str) {
@@ -184,8 +284,23 @@ impl<'a> AdapterBackend<'a> {
 
     /// `W0 + ΔW` for base weight `name` of module `path`, given W0.
     fn merge(&self, adapter: &PeftAdapter, name: &str, path: &str, w0: &Tensor) -> Result<Tensor> {
+        let ffo = match w0.dims() {
+            [a, b] => {
+                let shape = self.stored_shape(adapter, path, (*a, *b));
+                let others = || Ok(self.all_shapes(adapter).clone());
+                let flag = adapter.config().fan_in_fan_out;
+                self.orientation.resolve(path, shape, flag, others)?
+            }
+            _ => adapter.config().fan_in_fan_out,
+        };
+        adapter.merged_weight(path, w0, ffo, &format!("weight {name:?}"))
+    }
+
+    /// The stored shape of module `path`'s weight and its bias length (the adapter's trained
+    /// bias replaces the base one, so it counts first).
+    fn stored_shape(&self, adapter: &PeftAdapter, path: &str, dims: (usize, usize)) -> StoredShape {
         let bias_name = format!("{}{path}.bias", self.prefix);
-        let bias_len = match self.extras.get(&bias_name) {
+        let bias_dims = match self.extras.get(&bias_name) {
             Some(extra) => adapter
                 .extra_tensors()
                 .get(extra)
@@ -197,15 +312,32 @@ impl<'a> AdapterBackend<'a> {
                 .map(|t| t.dims().to_vec()),
             None => None,
         };
-        let bias_len = match bias_len.as_deref() {
+        let bias_len = match bias_dims.as_deref() {
             Some([n]) => Some(*n),
             _ => None,
         };
-        let ffo = match w0.dims() {
-            [a, b] => resolve_fan_in_fan_out(adapter.config().fan_in_fan_out, (*a, *b), bias_len),
-            _ => adapter.config().fan_in_fan_out,
-        };
-        adapter.merged_weight(path, w0, ffo, &format!("weight {name:?}"))
+        StoredShape { dims, bias_len }
+    }
+
+    /// The stored shapes of every adapted module found in the base, read once.
+    fn all_shapes(&self, adapter: &PeftAdapter) -> &BTreeMap<String, StoredShape> {
+        self.shapes.get_or_init(|| {
+            let mut all = BTreeMap::new();
+            for (name, path) in &self.merged {
+                let w = match adapter.stored_base_weight(path) {
+                    Some(t) => Some(t.dims().to_vec()),
+                    None => self
+                        .base
+                        .get_unchecked_dtype(name, DType::F32)
+                        .ok()
+                        .map(|t| t.dims().to_vec()),
+                };
+                if let Some([a, b]) = w.as_deref() {
+                    all.insert(path.clone(), self.stored_shape(adapter, path, (*a, *b)));
+                }
+            }
+            all
+        })
     }
 
     /// The module path of `name` if it is the weight of a module the configuration targets but
@@ -218,6 +350,31 @@ impl<'a> AdapterBackend<'a> {
         }
         let path = name.strip_prefix(&self.prefix)?.strip_suffix(".weight")?;
         (adapter.matcher().is_target(path) && adapter.spectrum(path).is_none()).then_some(path)
+    }
+
+    /// The adapter's extra tensor replacing base tensor `name`, checked against the requested
+    /// shape.
+    fn replacement(
+        &self,
+        name: &str,
+        shape: Option<&Shape>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (Some(adapter), Some(extra)) = (&self.adapter, self.extras.get(name)) else {
+            return Ok(None);
+        };
+        let t = adapter
+            .extra_tensors()
+            .get(extra)
+            .ok_or_else(|| candle_core::Error::msg(format!("missing extra tensor {extra}")))?;
+        if let Some(shape) = shape.filter(|s| s.dims() != t.dims()) {
+            return Err(Error::Shape {
+                what: format!("{} replacing {name:?}", adapter.describe(extra)),
+                expected: format!("{:?}", shape.dims()),
+                found: format!("{:?}", t.dims()),
+            }
+            .into_candle());
+        }
+        Ok(Some(t.clone()))
     }
 
     /// Serves `name` from the adapter if it is adapted or replaced; `load_base` fetches the base
@@ -233,42 +390,68 @@ impl<'a> AdapterBackend<'a> {
         if let Some(id) = self.context.filter(|_| is_context_key(name)) {
             return Tensor::new(id, &Device::Cpu);
         }
+        if let Some(trained) = self.trained.as_ref().filter(|t| t.trains(name)) {
+            let init = |dt: DType| -> candle_core::Result<Tensor> {
+                match self.replacement(name, shape)? {
+                    Some(t) => t.to_dtype(dt),
+                    None => load_base(dt),
+                }
+            };
+            let var = trained.var(name, dtype, dev, init)?;
+            self.mark(name);
+            return Ok(var.as_tensor().clone());
+        }
         let adapter = match &self.adapter {
             Some(a) => a,
             None => return load_base(dtype)?.to_device(dev),
         };
         if let Some(path) = self.merged.get(name) {
-            let w0 = load_base(DType::F32)?;
+            let w0 = match adapter.stored_base_weight(path) {
+                Some(stored) => {
+                    if let Some(shape) = shape.filter(|s| s.dims() != stored.dims()) {
+                        return Err(shape_error(adapter, path, name, shape, stored));
+                    }
+                    stored.to_dtype(DType::F32)?
+                }
+                None => load_base(DType::F32)?,
+            };
             let w = self
                 .merge(adapter, name, path, &w0)
                 .map_err(Error::into_candle)?;
             self.mark(name);
             return w.to_dtype(dtype)?.to_device(dev);
         }
-        if let Some(extra) = self.extras.get(name) {
-            let t = adapter
-                .extra_tensors()
-                .get(extra)
-                .ok_or_else(|| candle_core::Error::msg(format!("missing extra tensor {extra}")))?;
-            if let Some(shape) = shape {
-                if t.dims() != shape.dims() {
-                    return Err(Error::Shape {
-                        what: format!("{} replacing {name:?}", adapter.describe(extra)),
-                        expected: format!("{:?}", shape.dims()),
-                        found: format!("{:?}", t.dims()),
-                    }
-                    .into_candle());
-                }
-            }
+        if let Some(t) = self.replacement(name, shape)? {
             self.mark(name);
             return t.to_dtype(dtype)?.to_device(dev);
         }
         let t = load_base(dtype)?.to_device(dev)?;
+        lock(&self.requested).insert(name.to_string());
         if let Some(path) = self.unloaded_target(adapter, name) {
             lock(&self.unadapted).insert((name.to_string(), path.to_string()));
         }
         Ok(t)
     }
+}
+
+/// The stored base weight of `path` does not have the shape the model asks for.
+fn shape_error(
+    adapter: &PeftAdapter,
+    path: &str,
+    name: &str,
+    shape: &Shape,
+    stored: &Tensor,
+) -> candle_core::Error {
+    let key = format!("{KEY_PREFIX}{path}.base_layer.weight");
+    Error::Shape {
+        what: format!(
+            "{} (stored base weight) for {name:?}",
+            adapter.describe(&key)
+        ),
+        expected: format!("{:?}", shape.dims()),
+        found: format!("{:?}", stored.dims()),
+    }
+    .into_candle()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -38,6 +38,10 @@ pub struct FourierFTConfig {
     /// The scale alpha of ΔW.
     pub scaling: f64,
     /// Seed of the entry positions (same seed and shape ⇒ same positions, as in PEFT).
+    ///
+    /// A negative JSON value (PEFT writes what it was given; `torch.Generator().manual_seed`
+    /// accepts `-2^63 ..= 2^64-1`) reads as torch maps it: modulo 2^64, so `-5` is `2^64 - 5`.
+    #[serde(deserialize_with = "torch_seed::deserialize")]
     pub random_loc_seed: u64,
     /// `false`: coefficients start standard normal (PEFT's default); `true`: zeros.
     pub init_weights: bool,
@@ -47,6 +51,12 @@ pub struct FourierFTConfig {
     pub fan_in_fan_out: bool,
     /// The modules to adapt: a list of names (a module matches one if its path equals it or ends
     /// with `.name`) or a regular expression that must match the whole path.
+    ///
+    /// PEFT's two shorthands are resolved as PEFT resolves them: `"all-linear"` (any case) is every
+    /// linear layer but the model's output layer (set [`output_head`](Self::output_head), or call
+    /// [`expand_all_linear`](Self::expand_all_linear)); unset (`None`) is PEFT's default for the
+    /// model type ([`with_model_type`](Self::with_model_type)). An adapter read from or written to
+    /// a PEFT directory holds the expanded list, as PEFT writes it.
     pub target_modules: Option<ModuleSelector>,
     /// Modules never adapted: a list (exact or `.name` suffix) or a full-match regex.
     pub exclude_modules: Option<ModuleSelector>,
@@ -63,10 +73,6 @@ pub struct FourierFTConfig {
     /// the module path wins; otherwise a key equal to the path; otherwise `n_frequency`.
     #[serde(with = "ordered_map")]
     pub n_frequency_pattern: Vec<(String, usize)>,
-    /// The normalisation of the inverse 2-D DFT (newer PEFT versions); see [`Ifft2Norm`].
-    /// Written to JSON only when not the default `"backward"`.
-    #[serde(skip_serializing_if = "Ifft2Norm::is_backward")]
-    pub ifft2_norm: Ifft2Norm,
     /// Must be `"FOURIERFT"`.
     pub peft_type: String,
     /// PEFT's task type (e.g. `"SEQ_CLS"`), kept as given.
@@ -85,6 +91,12 @@ pub struct FourierFTConfig {
     /// Not part of PEFT's file format.
     #[serde(skip)]
     pub entry_sampling: EntrySampling,
+    /// For `target_modules = "all-linear"`: the path of the model's output layer, which PEFT
+    /// leaves out (its `get_output_embeddings()`, e.g. `"lm_head"`); `""` for a model without one
+    /// (a `SEQ_CLS` model's top-level `score` / `classifier` is then left out, as in PEFT). Only
+    /// used while the shorthand is unexpanded. Not part of PEFT's file format.
+    #[serde(skip)]
+    pub output_head: Option<String>,
     /// Seed of the coefficient initialisation (`init_weights = false`), mixed with the layer's
     /// name and the adapter's name. `None`: non-deterministic, like torch's global generator.
     /// Not part of PEFT's file format.
@@ -107,7 +119,6 @@ impl Default for FourierFTConfig {
             layers_to_transform: None,
             layers_pattern: None,
             n_frequency_pattern: Vec::new(),
-            ifft2_norm: Ifft2Norm::Backward,
             peft_type: PEFT_TYPE.to_string(),
             task_type: None,
             inference_mode: false,
@@ -116,6 +127,7 @@ impl Default for FourierFTConfig {
             auto_mapping: None,
             peft_version: None,
             entry_sampling: EntrySampling::Uniform,
+            output_head: None,
             init_seed: None,
         }
     }
@@ -161,32 +173,179 @@ impl FourierFTConfig {
                 }
             }
         }
-        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+        // PEFT tests `layers_pattern` for truth: an empty string or list needs no indices.
+        let has_pattern = match &self.layers_pattern {
+            None => false,
+            Some(OneOrMany::One(p)) => !p.is_empty(),
+            Some(OneOrMany::Many(v)) => !v.is_empty(),
+        };
+        if has_pattern && self.layers_to_transform.is_none() {
             return Err(Error::Config(
                 "layers_pattern requires layers_to_transform".into(),
             ));
         }
         Ok(())
     }
+}
 
-    /// The scale to give the adapter of a `d1 x d2` layer so that ΔW follows
-    /// [`ifft2_norm`](Self::ifft2_norm): `scaling · d1·d2 / norm`, where `norm` is
-    /// [`Ifft2Norm::divisor`]. Equals `scaling` for the default `"backward"`.
+/// PEFT's `INCLUDE_LINEAR_LAYERS_SHORTHAND`.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// The heads PEFT leaves out of `"all-linear"` for a `SEQ_CLS` model without output embeddings
+/// (`SEQ_CLS_HEAD_NAMES`, top-level modules).
+const SEQ_CLS_HEAD_NAMES: [&str; 2] = ["score", "classifier"];
+
+/// PEFT's default `target_modules` for FourierFT by `model_type`
+/// (`TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING` of PEFT 0.21.2: LoRA's table with
+/// `gpt2` and `gpt_bigcode` set to `mlp.c_proj`). A string is a regex.
+const DEFAULT_TARGETS: &[(&str, &[&str])] = &[
+    ("t5", &["q", "v"]),
+    ("mt5", &["q", "v"]),
+    ("bart", &["q_proj", "v_proj"]),
+    ("gpt2", &["mlp.c_proj"]),
+    ("bloom", &["query_key_value"]),
+    ("blip-2", &["q", "v", "q_proj", "v_proj"]),
+    ("opt", &["q_proj", "v_proj"]),
+    ("gptj", &["q_proj", "v_proj"]),
+    ("gpt_neox", &["query_key_value"]),
+    ("gpt_neo", &["q_proj", "v_proj"]),
+    ("bert", &["query", "value"]),
+    ("roberta", &["query", "value"]),
+    ("xlm-roberta", &["query", "value"]),
+    ("electra", &["query", "value"]),
+    ("deberta-v2", &["query_proj", "value_proj"]),
+    ("deberta", &["in_proj"]),
+    ("layoutlm", &["query", "value"]),
+    ("llama", &["q_proj", "v_proj"]),
+    ("llama4", &["q_proj", "v_proj"]),
+    ("chatglm", &["query_key_value"]),
+    ("gpt_bigcode", &["mlp.c_proj"]),
+    ("mpt", &["Wqkv"]),
+    ("RefinedWebModel", &["query_key_value"]),
+    ("RefinedWeb", &["query_key_value"]),
+    ("falcon", &["query_key_value"]),
+    ("btlm", &["c_proj", "c_attn"]),
+    ("codegen", &["qkv_proj"]),
+    ("mistral", &["q_proj", "v_proj"]),
+    ("mixtral", &["q_proj", "v_proj"]),
+    ("stablelm", &["q_proj", "v_proj"]),
+    ("phi", &["q_proj", "v_proj", "fc1", "fc2"]),
+    ("gemma", &["q_proj", "v_proj"]),
+    ("gemma2", &["q_proj", "v_proj"]),
+    ("gemma3_text", &["q_proj", "v_proj"]),
+    ("qwen2", &["q_proj", "v_proj"]),
+    ("qwen3", &["q_proj", "v_proj"]),
+    ("nemotron_h", &["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("rwkv", &["key", "value", "receptance", "output"]),
+    (
+        "rwkv7",
+        &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    ),
+];
+
+/// PEFT's default FourierFT `target_modules` for a transformers `model_type` (the `model_type` of
+/// the base model's `config.json`), or `None` for a model type PEFT has no default for.
+///
+/// ```
+/// use fourierft::config::{default_target_modules, ModuleSelector};
+/// let names = |v: &[&str]| ModuleSelector::Names(v.iter().map(|s| s.to_string()).collect());
+/// assert_eq!(default_target_modules("llama"), Some(names(&["q_proj", "v_proj"])));
+/// assert_eq!(default_target_modules("gpt2"), Some(names(&["mlp.c_proj"])));
+/// assert_eq!(default_target_modules("my_model"), None);
+/// ```
+pub fn default_target_modules(model_type: &str) -> Option<ModuleSelector> {
+    if model_type == "gemma4" {
+        return Some(ModuleSelector::Regex(
+            r".*language_model\..*\.(q_proj|v_proj)".into(),
+        ));
+    }
+    DEFAULT_TARGETS
+        .iter()
+        .find(|(t, _)| *t == model_type)
+        .map(|(_, names)| ModuleSelector::Names(names.iter().map(|n| n.to_string()).collect()))
+}
+
+impl FourierFTConfig {
+    /// Whether `target_modules` is PEFT's `"all-linear"` shorthand (compared case-insensitively,
+    /// as PEFT does).
+    pub fn is_all_linear(&self) -> bool {
+        matches!(&self.target_modules, Some(ModuleSelector::Regex(s)) if s.eq_ignore_ascii_case(ALL_LINEAR))
+    }
+
+    /// Fills an unset `target_modules` with PEFT's default for `model_type` (the base model's
+    /// `config.json` `model_type`), as PEFT's `_prepare_adapter_config` does; a set one is kept.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `target_modules` is unset and PEFT has no default for `model_type`
+    /// (PEFT raises "Please specify `target_modules` in `peft_config`").
     ///
     /// ```
-    /// use fourierft::{config::Ifft2Norm, FourierFTConfig};
-    /// let cfg = FourierFTConfig { scaling: 2.0, ifft2_norm: Ifft2Norm::Ortho, ..Default::default() };
-    /// assert_eq!(cfg.effective_scaling(4, 9), 2.0 * 6.0);
+    /// use fourierft::{config::ModuleSelector, FourierFTConfig};
+    /// let cfg = FourierFTConfig::default().with_model_type("bert")?;
+    /// assert_eq!(cfg.target_modules, Some(ModuleSelector::Names(vec!["query".into(), "value".into()])));
+    /// assert!(FourierFTConfig::default().with_model_type("my_model").is_err());
+    /// # Ok::<(), fourierft::Error>(())
     /// ```
-    pub fn effective_scaling(&self, d1: usize, d2: usize) -> f64 {
-        // Written out per norm rather than `scaling·size/divisor`, which is 0/0 for an empty
-        // layer (and rounds `scaling` for the default).
-        let size = d1 as f64 * d2 as f64;
-        match self.ifft2_norm {
-            Ifft2Norm::Backward => self.scaling,
-            Ifft2Norm::Ortho => self.scaling * size.sqrt(),
-            Ifft2Norm::Forward => self.scaling * size,
+    pub fn with_model_type(mut self, model_type: &str) -> Result<Self> {
+        if self.target_modules.is_none() {
+            let targets = default_target_modules(model_type).ok_or_else(|| {
+                Error::Config(format!(
+                    "target_modules is not set and PEFT has no FourierFT default for model_type                      {model_type:?}: list the modules to adapt"
+                ))
+            })?;
+            self.target_modules = Some(targets);
         }
+        Ok(self)
+    }
+
+    /// Expands `target_modules = "all-linear"` as PEFT's `_maybe_include_all_linear_layers` does,
+    /// given the paths of every linear layer of the model (`nn.Linear` and GPT-2 `Conv1D`) and the
+    /// path of its output layer (`get_output_embeddings()`, e.g. `"lm_head"`; `None` when it has
+    /// none): every linear layer but the output layer and, for a `SEQ_CLS` model without one, its
+    /// top-level `score` or `classifier`. The result is the sorted list PEFT writes into
+    /// `adapter_config.json`. Any other `target_modules` is returned unchanged.
+    ///
+    /// ```
+    /// use fourierft::{config::ModuleSelector, FourierFTConfig};
+    /// let cfg = FourierFTConfig { target_modules: Some(ModuleSelector::Regex("all-linear".into())), ..Default::default() };
+    /// let cfg = cfg.expand_all_linear(["layers.0.q", "layers.0.v", "lm_head"], Some("lm_head"));
+    /// assert_eq!(cfg.target_modules, Some(ModuleSelector::Names(vec!["layers.0.q".into(), "layers.0.v".into()])));
+    /// ```
+    pub fn expand_all_linear<I, S>(&self, linear_paths: I, output_head: Option<&str>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut out = self.clone();
+        if !self.is_all_linear() {
+            return out;
+        }
+        let mut names: Vec<String> = linear_paths
+            .into_iter()
+            .map(|p| p.as_ref().to_string())
+            .collect();
+        let seq_cls_head = output_head.is_none() && self.task_type.as_deref() == Some("SEQ_CLS");
+        let head: Option<&str> = SEQ_CLS_HEAD_NAMES
+            .iter()
+            .copied()
+            .find(|h| seq_cls_head && names.iter().any(|n| n == h));
+        names.retain(|n| Some(n.as_str()) != output_head && Some(n.as_str()) != head);
+        names.sort();
+        names.dedup();
+        out.target_modules = Some(ModuleSelector::Names(names));
+        out.output_head = None;
+        out
+    }
+
+    /// Whether `path` is left out of `"all-linear"` as the model's output layer, per
+    /// [`output_head`](Self::output_head) (`None` when that is unset).
+    pub(crate) fn is_output_head(&self, path: &str) -> Option<bool> {
+        let head = self.output_head.as_deref()?;
+        Some(if head.is_empty() {
+            self.task_type.as_deref() == Some("SEQ_CLS") && SEQ_CLS_HEAD_NAMES.contains(&path)
+        } else {
+            path == head
+        })
     }
 }
 
@@ -258,33 +417,29 @@ impl<T> OneOrMany<T> {
     }
 }
 
-/// The normalisation of the inverse 2-D DFT that turns the sparse spectrum into ΔW, as
-/// `torch.fft.ifft2(norm=...)`. PEFT up to 0.21 always uses `"backward"`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ifft2Norm {
-    /// Divide by `d1·d2` (torch's default).
-    #[default]
-    Backward,
-    /// Divide by `sqrt(d1·d2)`.
-    Ortho,
-    /// No division.
-    Forward,
-}
+/// Reads `random_loc_seed` as torch's `manual_seed` takes it: any integer in `-2^63 ..= 2^64-1`,
+/// negative values modulo 2^64 (two's complement).
+mod torch_seed {
+    use serde::de::{Error, Visitor};
+    use serde::Deserializer;
+    use std::fmt;
 
-impl Ifft2Norm {
-    /// What the inverse DFT divides by for a `d1 x d2` layer: `d1·d2`, `sqrt(d1·d2)` or `1`.
-    pub fn divisor(self, d1: usize, d2: usize) -> f64 {
-        let size = d1 as f64 * d2 as f64;
-        match self {
-            Ifft2Norm::Backward => size,
-            Ifft2Norm::Ortho => size.sqrt(),
-            Ifft2Norm::Forward => 1.0,
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        struct Seed;
+        impl Visitor<'_> for Seed {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer in -2^63 ..= 2^64-1 (torch's manual_seed range)")
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+                Ok(v)
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+                // torch: "Negative inputs are remapped to positive values" modulo 2^64.
+                Ok(v as u64)
+            }
         }
-    }
-
-    fn is_backward(&self) -> bool {
-        *self == Ifft2Norm::Backward
+        d.deserialize_i64(Seed)
     }
 }
 

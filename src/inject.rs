@@ -50,7 +50,7 @@
 //! ```
 
 use crate::backend::{AdapterBackend, CONTEXT_KEY};
-use crate::config::{shown_selector, Bias, FourierFTConfig};
+use crate::config::{shown_selector, FourierFTConfig};
 use crate::error::{Error, Result};
 use crate::layer::{FourierLinear, DEFAULT_ADAPTER};
 use crate::peft::{ModuleMatcher, PeftAdapter, KEY_PREFIX, SPECTRUM_SUFFIX};
@@ -85,6 +85,44 @@ struct Inner {
     built: Mutex<Vec<String>>,
     /// Extra tensors served by this context's backends.
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Tensors trained in full: `modules_to_save` parameters and biases per `bias`.
+    trained: Arc<TrainedTensors>,
+}
+
+/// The tensors a context trains in full besides the spectra, as PEFT decides them
+/// ([`ModuleMatcher::trains_in_full`]): every parameter of a `modules_to_save` module (e.g. a
+/// classification head) and, with `bias = "all"` / `"fourier_only"`, biases. The model asks for
+/// them through the context's [`VarBuilder`] like any weight and gets a [`Var`]'s tensor, so any
+/// candle model trains them without code changes.
+#[derive(Debug)]
+pub(crate) struct TrainedTensors {
+    matcher: ModuleMatcher,
+    vars: Mutex<BTreeMap<String, Var>>,
+}
+
+impl TrainedTensors {
+    /// Whether model tensor `name` is trained in full.
+    pub(crate) fn trains(&self, name: &str) -> bool {
+        self.matcher.trains_in_full(name)
+    }
+
+    /// The `Var` of tensor `name`, made from `init` on first request; a second request (e.g. a
+    /// tied weight) gets the same `Var`.
+    pub(crate) fn var(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &candle_core::Device,
+        init: impl FnOnce(DType) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Var> {
+        let mut vars = lock(&self.vars);
+        if let Some(v) = vars.get(name) {
+            return Ok(v.clone());
+        }
+        let v = Var::from_tensor(&init(dtype)?.to_device(device)?)?;
+        vars.insert(name.to_string(), v.clone());
+        Ok(v)
+    }
 }
 
 impl Drop for Inner {
@@ -117,7 +155,18 @@ impl AdapterContext {
 
     /// Like [`new`](Self::new), with adapter name `name` (the name of the adapter on every layer,
     /// and its subdirectory when saved, as in PEFT).
-    pub fn with_name(name: &str, config: FourierFTConfig) -> Result<Self> {
+    ///
+    /// With `task_type` `"SEQ_CLS"`, `classifier` and `score` are added to `modules_to_save`, as
+    /// PEFT's `PeftModelForSequenceClassification` does, so the head trains and is saved.
+    pub fn with_name(name: &str, mut config: FourierFTConfig) -> Result<Self> {
+        if config.task_type.as_deref() == Some("SEQ_CLS") {
+            let heads = config.modules_to_save.get_or_insert_with(Vec::new);
+            for head in ["classifier", "score"] {
+                if !heads.iter().any(|h| h == head) {
+                    heads.push(head.to_string());
+                }
+            }
+        }
         Ok(Self::build(name, ModuleMatcher::new(&config)?, None))
     }
 
@@ -143,9 +192,14 @@ impl AdapterContext {
 
     fn build(name: &str, matcher: ModuleMatcher, loaded: Option<Arc<PeftAdapter>>) -> Self {
         static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+        let trained = Arc::new(TrainedTensors {
+            matcher: matcher.clone(),
+            vars: Mutex::default(),
+        });
         let inner = Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
+            trained,
             matcher,
             loaded,
             layers: Mutex::default(),
@@ -169,6 +223,7 @@ impl AdapterContext {
             Some(self.inner.id),
         )
         .with_used(self.inner.used.clone())
+        .with_trained(self.inner.trained.clone())
         .into_var_builder()
     }
 
@@ -236,11 +291,7 @@ impl AdapterContext {
             }
             return Ok(existing.clone());
         }
-        let (d1, d2) = (layer.out_features(), layer.in_features());
-        let mut config = self
-            .inner
-            .matcher
-            .layer_config(path, d1, d2, fan_in_fan_out);
+        let mut config = self.inner.matcher.layer_config(path, fan_in_fan_out);
         match &self.inner.loaded {
             Some(adapter) => {
                 let spectrum = adapter
@@ -333,13 +384,24 @@ impl AdapterContext {
         lock(&self.inner.layers).values().cloned().collect()
     }
 
-    /// The spectra of every adapted layer: the parameters to give the optimizer. Empty when the
+    /// The parameters to give the optimizer: the spectra of every adapted layer, then the
+    /// tensors trained in full ([`trained_tensors`](Self::trained_tensors)). Empty when the
     /// configuration matched no layer, which [`check`](Self::check) reports as an error.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.spectra_by_path().into_iter().map(|(_, v)| v).collect()
+        let spectra = self.spectra_by_path().into_iter().map(|(_, v)| v);
+        spectra
+            .chain(self.trained_tensors().into_values())
+            .collect()
     }
 
-    /// Number of trainable coefficients over all layers.
+    /// The tensors trained in full besides the spectra, by model tensor name: the parameters of
+    /// `modules_to_save` modules (e.g. a classifier head) and, per `bias`, biases — those the
+    /// model asked for through [`var_builder`](Self::var_builder). Saved with the adapter.
+    pub fn trained_tensors(&self) -> BTreeMap<String, Var> {
+        lock(&self.inner.trained.vars).clone()
+    }
+
+    /// Number of trainable values: spectral coefficients plus tensors trained in full.
     pub fn num_trainable(&self) -> usize {
         self.trainable_vars().iter().map(|v| v.elem_count()).sum()
     }
@@ -370,7 +432,9 @@ impl AdapterContext {
 
     fn merge_all(&self, safe: bool) -> Result<()> {
         let layers = self.matched_layers()?;
-        for (i, layer) in layers.iter().enumerate() {
+        // Only the layers this call merges are rolled back; ones merged before stay merged.
+        let mut merged_here: Vec<&FourierLinear> = Vec::new();
+        for layer in &layers {
             if layer.is_merged() {
                 continue;
             }
@@ -380,11 +444,12 @@ impl AdapterContext {
                 layer.merge()
             };
             if let Err(e) = result {
-                for done in &layers[..i] {
+                for done in merged_here {
                     done.unmerge()?;
                 }
                 return Err(e);
             }
+            merged_here.push(layer);
         }
         Ok(())
     }
@@ -394,8 +459,8 @@ impl AdapterContext {
         self.layers().iter().try_for_each(FourierLinear::unmerge)
     }
 
-    /// The adapter as it is now: the configuration, each layer's current spectrum and the loaded
-    /// extra tensors (plus, with `bias != "none"`, the adapted layers' biases).
+    /// The adapter as it is now: the configuration, each layer's current spectrum, the current
+    /// values of the tensors trained in full, and any other extra tensors a loaded adapter had.
     ///
     /// # Errors
     /// [`Error::Config`] if the configuration matched no layer (as [`check`](Self::check)).
@@ -410,12 +475,8 @@ impl AdapterContext {
             .loaded()
             .map(|a| a.extra_tensors().clone())
             .unwrap_or_default();
-        if self.config().bias != Bias::None {
-            for (path, layer) in lock(&self.inner.layers).iter() {
-                if let Some(b) = layer.bias() {
-                    extra.entry(format!("{path}.bias")).or_insert(b);
-                }
-            }
+        for (name, var) in self.trained_tensors() {
+            extra.insert(name, var.as_tensor().detach());
         }
         PeftAdapter::new(self.config().clone(), spectra, extra)
     }

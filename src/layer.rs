@@ -29,8 +29,7 @@ impl Adapter {
         &self.spectrum
     }
 
-    /// The scale alpha, as applied: `ΔW = alpha/(d1·d2)·Re(IDFT2(E∘c))` (PEFT's `scaling`, adjusted
-    /// for a non-default `ifft2_norm`).
+    /// The scale alpha, as applied: `ΔW = alpha/(d1·d2)·Re(IDFT2(E∘c))` (PEFT's `scaling`).
     pub fn scaling(&self) -> f64 {
         self.scaling
     }
@@ -124,7 +123,9 @@ impl FourierLinear {
             fan_in_fan_out,
             state: Arc::new(RwLock::new(State {
                 weight: weight.detach(),
-                bias: bias.map(|b| b.detach()),
+                // A bias that is a `Var` (trained, e.g. PEFT's `bias = "all"`) keeps its
+                // identity so it gets a gradient; anything else is frozen.
+                bias: bias.map(|b| if b.is_variable() { b } else { b.detach() }),
                 adapters: BTreeMap::new(),
                 active: Vec::new(),
                 disabled: false,
@@ -226,7 +227,7 @@ impl FourierLinear {
         let adapter = Adapter {
             op: DeltaWeight::new(entries),
             spectrum,
-            scaling: config.effective_scaling(d1, d2),
+            scaling: config.scaling,
         };
         let mut st = self.write();
         if st.adapters.contains_key(name) {
@@ -347,13 +348,10 @@ impl FourierLinear {
             .collect()
     }
 
-    /// Number of trainable parameters (coefficients of all adapters).
+    /// Number of trainable parameters: the coefficients of the active adapters, i.e. the
+    /// element count of [`trainable_vars`](Self::trainable_vars).
     pub fn num_trainable(&self) -> usize {
-        self.read()
-            .adapters
-            .values()
-            .map(|a| a.entries().len())
-            .sum()
+        self.trainable_vars().iter().map(|v| v.elem_count()).sum()
     }
 
     /// Number of frozen parameters (weight and bias).
@@ -510,7 +508,9 @@ impl FourierLinear {
 
     /// The frozen base `x·W0ᵀ + b` (W0 including merged adapters), for `x` `(tokens, in)`.
     fn base_forward(&self, st: &State, x2: &Tensor) -> Result<Tensor> {
-        frozen_linear(x2, &self.weight_out_in(&st.weight)?, st.bias.as_ref())
+        let (fused, trained) = split_bias(st);
+        let y = frozen_linear(x2, &self.weight_out_in(&st.weight)?, fused)?;
+        add_bias(y, trained)
     }
 
     /// `x·ΔWᵀ` of one adapter for `x` `(tokens, in)`, by `mode` (Auto resolved here).
@@ -548,7 +548,9 @@ impl FourierLinear {
             if let [a] = active[..] {
                 let w = self.weight_out_in(&st.weight)?;
                 let (c, alpha) = (a.spectrum.as_tensor(), a.scaling);
-                fourier_linear(&x2, &w, st.bias.as_ref(), a.entries(), c, alpha)?
+                let (fused, trained) = split_bias(&st);
+                let y = fourier_linear(&x2, &w, fused, a.entries(), c, alpha)?;
+                add_bias(y, trained)?
             } else {
                 // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.
                 let w = self.weight_out_in(&self.effective_weight(&st)?)?;
@@ -766,6 +768,24 @@ pub(crate) fn base_parts(
         None
     };
     Ok((weight, bias))
+}
+
+/// The bias split by whether it trains: a frozen bias is fused into the frozen/adapted ops
+/// (which give it no gradient), a trained one (a [`Var`], e.g. with PEFT's `bias = "all"`) is
+/// added afterwards so that it gets its gradient.
+fn split_bias(st: &State) -> (Option<&Tensor>, Option<&Tensor>) {
+    match &st.bias {
+        Some(b) if b.is_variable() => (None, Some(b)),
+        other => (other.as_ref(), None),
+    }
+}
+
+/// `y + b` for a trained bias `b`, else `y`.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 /// How [`FourierLinear`]'s unmerged forward computes the adapters' contribution.

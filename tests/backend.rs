@@ -131,11 +131,15 @@ fn base_prefix_and_unused_adapters() -> anyhow::Result<()> {
     let model = BertModel::load(wrong.var_builder(), &cfg)?;
     assert_eq!(max_diff(&run(&model)?, &run(&plain)?)?, 0.0);
     let e = wrong.check_all_used().unwrap_err();
+    let msg = e.to_string();
     assert!(
-        e.to_string()
-            .contains("never loaded {\"encoder.layer.0.attention.self.query.weight\""),
-        "{e}"
+        msg.contains(
+            "never asked for the adapted weights [\"encoder.layer.0.attention.self.query.weight\""
+        ),
+        "{msg}"
     );
+    // The message names the prefix that fits.
+    assert!(msg.contains("use base prefix \"bert.\""), "{msg}");
     Ok(())
 }
 

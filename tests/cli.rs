@@ -235,7 +235,7 @@ fn merge_keeps_dtypes_and_honours_prefix_and_adapter_name() -> anyhow::Result<()
         &[
             "base.safetensors",
             "no tensor \"h.0.c_fc.weight\"",
-            "check the base prefix",
+            "the base has \"model.h.0.c_fc.weight\": use base prefix \"model.\"",
         ],
     );
     assert!(!s.path("out.safetensors").exists());
@@ -534,5 +534,98 @@ fn inspect_rejects_forged_base_headers_without_allocating() -> anyhow::Result<()
             "the header describes 4 bytes of tensor data, the file holds 12",
         ],
     );
+    Ok(())
+}
+
+/// Real-PEFT adapters of tiny transformers models (`tests/fixtures/peft_interop/`): the CLI merge
+/// equals `merge_and_unload()` to 1e-5 — lm_head targeted (its stored base weight gets ΔW, not
+/// the other way round), and GPT-2 Conv1D next to an nn.Linear lm_head, whose square
+/// `attn.c_proj` is refused until `--base-config` or `--fan-in-fan-out` says its layout.
+#[test]
+fn merge_equals_peft_on_real_models() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_interop");
+    let tmp = tempfile::tempdir()?;
+    let merge = |case: &str, extra: &[&str]| {
+        let dir = root.join(case);
+        let base = dir.join("base/model.safetensors").display().to_string();
+        let adapter = dir.join("adapter").display().to_string();
+        let out = tmp.path().join(format!("{case}.safetensors"));
+        let out_s = out.display().to_string();
+        let mut args = vec![
+            "merge",
+            "--base",
+            &base,
+            "--adapter",
+            &adapter,
+            "--output",
+            &out_s,
+        ];
+        args.extend_from_slice(extra);
+        (run(&args), out)
+    };
+    let check = |case: &str, out: &Path| -> anyhow::Result<()> {
+        let ours = candle_core::safetensors::load(out, &Device::Cpu)?;
+        let peft = candle_core::safetensors::load(
+            root.join(case).join("merged.safetensors"),
+            &Device::Cpu,
+        )?;
+        assert_eq!(ours.len(), peft.len(), "{case}");
+        for (name, want) in &peft {
+            let d = (ours[name].to_dtype(DType::F64)? - want.to_dtype(DType::F64)?)?;
+            let err = d.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(err <= 1e-5, "{case}: {name} off by {err:e}");
+        }
+        Ok(())
+    };
+    let (out, file) = merge("llama_lm_head", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("merged   lm_head.weight") && !stdout.contains("replaced lm_head"),
+        "{stdout}"
+    );
+    check("llama_lm_head", &file)?;
+
+    let (out, file) = merge("gpt2_mixed", &[]);
+    assert_fails(
+        &out,
+        &[
+            "transformer.h.0.attn.c_proj",
+            "--base-config",
+            "--fan-in-fan-out",
+        ],
+    );
+    assert!(!file.exists());
+    let config = root
+        .join("gpt2_mixed/base/config.json")
+        .display()
+        .to_string();
+    let (out, file) = merge("gpt2_mixed", &["--base-config", &config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check("gpt2_mixed", &file)?;
+    let (out, file) = merge("gpt2_mixed", &["--fan-in-fan-out", r".*\.c_(attn|proj)"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check("gpt2_mixed", &file)?;
+    for case in ["bert_seqcls", "bert_bias_all"] {
+        let (out, file) = merge(case, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        check(case, &file)?;
+    }
     Ok(())
 }

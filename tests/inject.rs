@@ -377,5 +377,18 @@ fn safe_merge_is_all_or_nothing() -> anyhow::Result<()> {
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     assert!(e.to_string().contains("blocks.0.fc2"), "{e}");
     assert!(ctx.layers().iter().all(|l| !l.is_merged()));
+
+    // A layer merged before the call stays merged when a later layer fails: only what this call
+    // merged is rolled back.
+    let first = ctx.layers()[0].clone();
+    assert_ne!(first.name(), "blocks.0.fc2");
+    first.merge()?;
+    let e = ctx.safe_merge().unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    assert!(
+        first.is_merged(),
+        "a layer merged before safe_merge was unmerged"
+    );
+    assert_eq!(ctx.layers().iter().filter(|l| l.is_merged()).count(), 1);
     Ok(())
 }

@@ -254,11 +254,14 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     )?;
     assert_eq!(layer.adapter_names(), vec!["default", "other"]);
     assert_eq!(layer.active_adapters(), vec!["default".to_string()]);
-    assert_eq!(layer.num_trainable(), 12);
+    // Only the active adapter trains: the count agrees with trainable_vars.
+    assert_eq!(layer.num_trainable(), 5);
+    assert_eq!(layer.trainable_vars().len(), 1);
     let d_a = layer.adapter("default")?.delta_weight()?;
     let d_b = layer.adapter("other")?.delta_weight()?;
 
     layer.set_active_adapters(&["default", "other"])?;
+    assert_eq!(layer.num_trainable(), 12);
     let want = (&y0 + x.matmul(&(d_a + &d_b)?.t()?)?)?;
     assert_close(
         &flat(&layer.forward(&x)?)?,

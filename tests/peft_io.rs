@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use fourierft::config::{Bias, Ifft2Norm, ModuleSelector, OneOrMany};
+use fourierft::config::{Bias, ModuleSelector, OneOrMany};
 use fourierft::peft::{ModuleMatcher, PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use fourierft::{Error, FourierFTConfig, SpectralEntries};
 
@@ -216,7 +216,6 @@ fn config_tolerates_unknown_keys_and_peft_value_forms() -> anyhow::Result<()> {
     );
     assert_eq!(cfg.exclude_modules, names(&["lm_head"]));
     assert_eq!(cfg.bias, Bias::All);
-    assert_eq!(cfg.ifft2_norm, Ifft2Norm::Ortho);
     assert!(cfg.n_frequency_pattern.is_empty() && cfg.init_weights);
     assert_eq!(cfg.scaling, 100.0);
     let one: FourierFTConfig =
@@ -282,44 +281,49 @@ fn config_rules_mirror_peft() {
     );
 }
 
+/// `ifft2_norm` comes from an unmerged PEFT pull request; released PEFT ignores it and divides by
+/// d1·d2. A file that sets another value would merge at a different scale in PEFT, so it is
+/// refused; `"backward"` means the default and loads. The crate never writes the key.
 #[test]
-fn ifft2_norm_scales_delta_weight() -> anyhow::Result<()> {
-    let (d1, d2) = (6usize, 10usize);
-    let entries = SpectralEntries::uniform(d1, d2, 7, 777)?;
-    let c = Tensor::new(&[1f32, -0.5, 0.25, 2.0, 0.1, -1.0, 0.7], &Device::Cpu)?;
-    let base = FourierFTConfig {
-        scaling: 3.0,
+fn ifft2_norm_other_than_backward_is_refused() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let spectrum = Tensor::new(&[1f32, -0.5], &Device::Cpu)?;
+    let cfg = FourierFTConfig {
+        n_frequency: 2,
         target_modules: names(&["q"]),
         ..Default::default()
     };
-    let dw = |cfg: &FourierFTConfig| -> anyhow::Result<Vec<f32>> {
-        let m = ModuleMatcher::new(cfg)?;
-        let layer_cfg = m.layer_config("q", d1, d2, false);
-        assert_eq!(layer_cfg.ifft2_norm, Ifft2Norm::Backward);
-        let t = fourierft::ops::delta_weight(&entries, &c, layer_cfg.scaling)?;
-        Ok(t.flatten_all()?.to_vec1::<f32>()?)
-    };
-    let backward = dw(&base)?;
-    for (norm, factor) in [
-        (Ifft2Norm::Ortho, ((d1 * d2) as f64).sqrt()),
-        (Ifft2Norm::Forward, (d1 * d2) as f64),
-    ] {
-        let cfg = FourierFTConfig {
-            ifft2_norm: norm,
-            ..base.clone()
-        };
-        assert!((cfg.effective_scaling(d1, d2) - 3.0 * factor).abs() < 1e-12 * factor);
-        for (a, b) in dw(&cfg)?.iter().zip(&backward) {
-            assert!(
-                (*a as f64 - *b as f64 * factor).abs() <= 1e-5 * factor,
-                "{norm:?}"
-            );
+    let adapter = PeftAdapter::new(
+        cfg,
+        [("q".to_string(), spectrum)].into(),
+        Default::default(),
+    )?;
+    adapter.save(tmp.path(), "default")?;
+    let path = tmp.path().join(CONFIG_FILE);
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    assert!(
+        json.get("ifft2_norm").is_none(),
+        "a key PEFT does not read was written"
+    );
+    for (value, ok) in [("backward", true), ("ortho", false), ("forward", false)] {
+        json["ifft2_norm"] = serde_json::Value::String(value.into());
+        std::fs::write(&path, serde_json::to_string(&json)?)?;
+        match PeftAdapter::load(tmp.path()) {
+            Ok(a) => {
+                assert!(ok, "{value} loaded");
+                assert_eq!(a.spectrum("q").unwrap().to_vec1::<f32>()?, vec![1.0, -0.5]);
+            }
+            Err(e) => {
+                assert!(!ok, "{value}: {e}");
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(CONFIG_FILE) && msg.contains("ifft2_norm"),
+                    "{msg}"
+                );
+                assert!(msg.contains("no PEFT release reads"), "{msg}");
+            }
         }
-        // Written to adapter_config.json only when not "backward".
-        let json = serde_json::to_value(&cfg)?;
-        assert_eq!(json["ifft2_norm"], serde_json::to_value(norm)?);
     }
-    assert!(serde_json::to_value(&base)?.get("ifft2_norm").is_none());
     Ok(())
 }
 
@@ -421,7 +425,8 @@ fn bad_adapter_directories_give_typed_errors() -> anyhow::Result<()> {
         "unmatched key \"base_model.model.h.0.up.fourierft_spectrum\"",
     );
 
-    // A tensor outside `base_model.model.`, an integer spectrum, a misnamed FourierFT tensor.
+    // A tensor with and without `base_model.model.` (unprefixed names alone load, as in PEFT's
+    // set_peft_model_state_dict), an integer spectrum, a misnamed FourierFT tensor.
     let (_t, dir) = copy_adapter()?;
     edit_weights(&dir, |t| {
         let s = t[SPEC].clone();
@@ -431,7 +436,7 @@ fn bad_adapter_directories_give_typed_errors() -> anyhow::Result<()> {
     load_err(
         &dir,
         WEIGHTS_FILE,
-        "unexpected tensor \"h.0.c_fc.fourierft_spectrum\"",
+        "\"h.0.c_fc.fourierft_spectrum\" name the same model tensor",
     );
     let (_t, dir) = copy_adapter()?;
     edit_weights(&dir, |t| {

@@ -9,11 +9,12 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use fourierft::config::ModuleSelector;
 use fourierft::peft::{
-    adapter_dir, merge_safetensors, resolve_fan_in_fan_out, PeftAdapter, CONFIG_FILE, KEY_PREFIX,
-    SPECTRUM_SUFFIX, WEIGHTS_FILE,
+    adapter_dir, merge_safetensors_with, prefix_hint, Orientation, PeftAdapter, StoredShape,
+    CONFIG_FILE, KEY_PREFIX, SPECTRUM_SUFFIX, WEIGHTS_FILE,
 };
 use fourierft::{Error, Result};
 use safetensors::tensor::Metadata;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ enum Command {
         /// <PREFIX><path>.weight.
         #[arg(long, default_value = "")]
         base_prefix: String,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Describe an adapter: configuration, adapted layers, trainable parameters, file sizes.
     Inspect {
@@ -61,7 +64,37 @@ enum Command {
         /// See `merge`.
         #[arg(long, default_value = "")]
         base_prefix: String,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
+}
+
+/// What is known about how adapted weights are stored. PEFT's file records `fan_in_fan_out`
+/// only for the last module it adapted; a square weight whose layout nothing else proves is an
+/// error unless one of these says it.
+#[derive(clap::Args)]
+struct LayoutArgs {
+    /// The base model's config.json: its model_type tells which modules are GPT-2 Conv1D
+    /// (stored (in, out)).
+    #[arg(long, value_name = "CONFIG_JSON")]
+    base_config: Option<PathBuf>,
+    /// A regex matching (in full) the module paths whose weights are stored (in, out), e.g.
+    /// '.*\.(c_attn|c_proj|c_fc)'; every other module is (out, in).
+    #[arg(long, value_name = "REGEX")]
+    fan_in_fan_out: Option<String>,
+}
+
+impl LayoutArgs {
+    fn orientation(&self) -> Result<Orientation> {
+        let mut o = Orientation::new();
+        if let Some(path) = &self.base_config {
+            o = o.with_model_config_file(path)?;
+        }
+        if let Some(regex) = &self.fan_in_fan_out {
+            o = o.with_fan_in_fan_out(regex)?;
+        }
+        Ok(o)
+    }
 }
 
 fn main() -> ExitCode {
@@ -116,9 +149,11 @@ fn run(command: Command) -> Result<()> {
             output,
             adapter_name,
             base_prefix,
+            layout,
         } => {
+            let orientation = layout.orientation()?;
             let adapter = PeftAdapter::load_named(&adapter, &adapter_name)?;
-            let s = merge_safetensors(&base, &adapter, &base_prefix, &output)?;
+            let s = merge_safetensors_with(&base, &adapter, &base_prefix, &orientation, &output)?;
             for (name, ffo) in &s.merged {
                 let layout = if *ffo { "(in, out)" } else { "(out, in)" };
                 println!("merged   {name} {layout}");
@@ -140,11 +175,22 @@ fn run(command: Command) -> Result<()> {
             adapter_name,
             base,
             base_prefix,
-        } => inspect(&adapter, &adapter_name, base.as_deref(), &base_prefix),
+            layout,
+        } => {
+            let orientation = layout.orientation()?;
+            let base = base.as_deref();
+            inspect(&adapter, &adapter_name, base, &base_prefix, &orientation)
+        }
     }
 }
 
-fn inspect(root: &Path, name: &str, base: Option<&Path>, prefix: &str) -> Result<()> {
+fn inspect(
+    root: &Path,
+    name: &str,
+    base: Option<&Path>,
+    prefix: &str,
+    orientation: &Orientation,
+) -> Result<()> {
     let dir = adapter_dir(root, name);
     let adapter = PeftAdapter::load(&dir)?;
     let c = adapter.config();
@@ -164,12 +210,11 @@ fn inspect(root: &Path, name: &str, base: Option<&Path>, prefix: &str) -> Result
         opt(&c.base_model_name_or_path)
     );
     println!(
-        "n_frequency {}  scaling {}  random_loc_seed {}  ifft2_norm {}  init_weights {}  \
+        "n_frequency {}  scaling {}  random_loc_seed {}  init_weights {}  \
          fan_in_fan_out {}  bias {}",
         c.n_frequency,
         c.scaling,
         c.random_loc_seed,
-        json(&c.ifft2_norm),
         c.init_weights,
         c.fan_in_fan_out,
         json(&c.bias)
@@ -200,7 +245,10 @@ fn inspect(root: &Path, name: &str, base: Option<&Path>, prefix: &str) -> Result
         let n = spectrum.elem_count();
         let shape = match &shapes {
             None => "(d1, d2) unknown: pass --base".to_string(),
-            Some(s) => layer_shape(&adapter, s, base.unwrap_or(Path::new("")), prefix, path, n)?,
+            Some(s) => {
+                let base = base.unwrap_or(Path::new(""));
+                layer_shape(&adapter, s, base, prefix, orientation, path, n)?
+            }
         };
         println!("  {path}  n={n}  {shape}");
     }
@@ -226,16 +274,23 @@ fn layer_shape(
     shapes: &HashMap<String, Vec<usize>>,
     base: &Path,
     prefix: &str,
+    orientation: &Orientation,
     path: &str,
     n: usize,
 ) -> Result<String> {
     let name = format!("{prefix}{path}.weight");
-    let missing = || Error::File {
-        path: base.to_path_buf(),
-        message: format!(
-            "no tensor {name:?} for adapted module {path:?} ({KEY_PREFIX}{path}{SPECTRUM_SUFFIX}); \
-             check the base prefix"
-        ),
+    let missing = || {
+        let hint = match prefix_hint(path, prefix, shapes.keys().map(String::as_str)) {
+            h if h.is_empty() => "; check the base prefix".to_string(),
+            h => h,
+        };
+        Error::File {
+            path: base.to_path_buf(),
+            message: format!(
+                "no tensor {name:?} for adapted module {path:?} \
+                 ({KEY_PREFIX}{path}{SPECTRUM_SUFFIX}){hint}"
+            ),
+        }
     };
     let dims = shapes.get(&name).ok_or_else(missing)?;
     let &[a, b] = dims.as_slice() else {
@@ -245,13 +300,34 @@ fn layer_shape(
             found: format!("{dims:?}"),
         });
     };
-    let bias = shapes
-        .get(&format!("{prefix}{path}.bias"))
-        .and_then(|d| match d.as_slice() {
-            [n] => Some(*n),
+    let stored = |path: &str, dims: (usize, usize)| {
+        let bias_dims = match adapter.extra_tensors().get(&format!("{path}.bias")) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => shapes.get(&format!("{prefix}{path}.bias")).cloned(),
+        };
+        let bias_len = match bias_dims.as_deref() {
+            Some([n]) => Some(*n),
             _ => None,
-        });
-    let ffo = resolve_fan_in_fan_out(adapter.config().fan_in_fan_out, (a, b), bias);
+        };
+        StoredShape { dims, bias_len }
+    };
+    let others = || {
+        let mut all = BTreeMap::new();
+        for p in adapter.spectra().keys() {
+            if let Some([x, y]) = shapes
+                .get(&format!("{prefix}{p}.weight"))
+                .map(Vec::as_slice)
+            {
+                all.insert(p.clone(), stored(p, (*x, *y)));
+            }
+        }
+        Ok(all)
+    };
+    let flag = adapter.config().fan_in_fan_out;
+    let ffo = match orientation.resolve(path, stored(path, (a, b)), flag, others) {
+        Ok(ffo) => ffo,
+        Err(e) => return Ok(format!("layout unknown: {e}")),
+    };
     let (d1, d2) = if ffo { (b, a) } else { (a, b) };
     // The shapes come from an unvalidated header: d1·d2 may not fit in a usize.
     let max = d1.saturating_mul(d2);

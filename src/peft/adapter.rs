@@ -1,6 +1,7 @@
 //! `PeftAdapter`: an adapter directory in PEFT's format, read and written.
 
 use super::io::{self, file_error, OutTensor};
+use super::pickle;
 use super::target::ModuleMatcher;
 use crate::config::{shown_selector, FourierFTConfig, PEFT_TYPE};
 use crate::entries::EntrySampling;
@@ -14,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// File name of the adapter tensors.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// File name of the adapter tensors in PyTorch's pickle format (`torch.save`, PEFT's
+/// `save_pretrained(safe_serialization=False)`), read when there is no [`WEIGHTS_FILE`].
+pub const BIN_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// Prefix of every tensor name in [`WEIGHTS_FILE`].
 pub const KEY_PREFIX: &str = "base_model.model.";
 /// Suffix of the spectrum tensors: `base_model.model.<module path>.fourierft_spectrum`.
@@ -26,6 +30,76 @@ pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
 const MEMORY_CONFIG: &str = "<adapter_config.json>";
 /// How errors name the tensors given to [`PeftAdapter::from_bytes`].
 const MEMORY_WEIGHTS: &str = "<adapter_model.safetensors>";
+/// How errors name the tensors given to [`PeftAdapter::from_bin_bytes`].
+const MEMORY_BIN: &str = "<adapter_model.bin>";
+
+/// The tensors of a weights file: safetensors or a `torch.save` archive.
+enum Weights<'a> {
+    SafeTensors(safetensors::SafeTensors<'a>),
+    Pickle(BTreeMap<String, pickle::PthTensor>),
+}
+
+impl Weights<'_> {
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Weights::SafeTensors(st) => st.iter().map(|(name, _)| name).collect(),
+            Weights::Pickle(map) => map.keys().map(String::as_str).collect(),
+        }
+    }
+
+    /// Declared dtype and shape of tensor `name` (before any data is converted).
+    fn layout(&self, path: &Path, name: &str) -> Result<(DType, Vec<usize>)> {
+        match self {
+            Weights::SafeTensors(st) => {
+                let view = st
+                    .tensor(name)
+                    .map_err(|e| file_error(path, format!("tensor {name:?}: {e}")))?;
+                Ok((
+                    io::candle_dtype(path, name, view.dtype())?,
+                    view.shape().to_vec(),
+                ))
+            }
+            Weights::Pickle(map) => {
+                let t = map
+                    .get(name)
+                    .ok_or_else(|| file_error(path, format!("tensor {name:?} is missing")))?;
+                Ok((t.dtype, t.shape.clone()))
+            }
+        }
+    }
+
+    fn load(&self, path: &Path, name: &str) -> Result<Tensor> {
+        match self {
+            Weights::SafeTensors(st) => {
+                let view = st
+                    .tensor(name)
+                    .map_err(|e| file_error(path, format!("tensor {name:?}: {e}")))?;
+                io::load_view(path, name, &view)
+            }
+            Weights::Pickle(map) => map
+                .get(name)
+                .ok_or_else(|| file_error(path, format!("tensor {name:?} is missing")))?
+                .load(path, name),
+        }
+    }
+}
+
+/// A configuration whose `target_modules` is `"all-linear"`, as read from a file or given with
+/// spectra, with `target_modules` set to the sorted modules of `spectra`: what PEFT writes (it
+/// saves the list it expanded) when it adapted exactly those modules.
+fn resolve_from_spectra<'a>(
+    mut config: FourierFTConfig,
+    spectra: impl IntoIterator<Item = &'a str>,
+) -> FourierFTConfig {
+    if config.is_all_linear() {
+        let mut names: Vec<String> = spectra.into_iter().map(str::to_string).collect();
+        names.sort();
+        names.dedup();
+        config.target_modules = Some(crate::config::ModuleSelector::Names(names));
+        config.output_head = None;
+    }
+    config
+}
 
 /// A FourierFT adapter as PEFT stores it: the configuration and, per adapted module, its
 /// spectrum (`[n]` coefficients), plus the other tensors PEFT may save with it (trained biases
@@ -89,6 +163,8 @@ impl PeftAdapter {
         spectra: BTreeMap<String, Tensor>,
         extra: BTreeMap<String, Tensor>,
     ) -> Result<Self> {
+        // "all-linear" is saved expanded, as PEFT does: to the modules that have a spectrum.
+        let config = resolve_from_spectra(config, spectra.keys().map(String::as_str));
         let matcher = ModuleMatcher::new(&config)?;
         if spectra.is_empty() {
             return Err(Error::Config(
@@ -116,7 +192,16 @@ impl PeftAdapter {
         Self::load(adapter_dir(root, name))
     }
 
-    /// Reads the adapter in directory `dir` ([`CONFIG_FILE`] and [`WEIGHTS_FILE`]).
+    /// Reads the adapter in directory `dir`: [`CONFIG_FILE`] and [`WEIGHTS_FILE`], or, when there
+    /// is no [`WEIGHTS_FILE`], [`BIN_WEIGHTS_FILE`] (PEFT's precedence in `load_peft_weights`;
+    /// see [`from_bin_bytes`](Self::from_bin_bytes)).
+    ///
+    /// Files from any PEFT release read as that release reads them: `layers_to_transform` finds
+    /// layer indices with the regexes of the `peft_version` that wrote the file (see
+    /// [`ModuleMatcher`]); tensor names without the `base_model.model.` prefix (PEFT's low-level
+    /// `get_peft_model_state_dict`, as the transformers integration saves) load like prefixed ones;
+    /// a negative `random_loc_seed` is taken modulo 2^64 as torch does; a `target_modules` of
+    /// `"all-linear"` (PEFT saves the expanded list instead) targets the modules with spectra.
     ///
     /// Unknown JSON keys are ignored. Tensors named `base_model.model.<path>.fourierft_spectrum`
     /// become spectra; other `base_model.model.*` tensors (trained biases, `modules_to_save`)
@@ -129,17 +214,30 @@ impl PeftAdapter {
     /// # Errors
     /// A typed error naming the file and tensor for: a missing file ([`Error::Io`]); invalid JSON
     /// or a value of the wrong type (naming the key), an invalid configuration, a `peft_type`
-    /// other than `"FOURIERFT"`, corrupt or truncated safetensors, a tensor name without the
-    /// `base_model.model.` prefix, a spectrum for a module the configuration does not target,
+    /// other than `"FOURIERFT"`, unset `target_modules` (PEFT would fill it from the model type;
+    /// see [`FourierFTConfig::with_model_type`]), corrupt or truncated safetensors or `.bin`, the
+    /// same tensor with and without the `base_model.model.` prefix, a spectrum for a module the
+    /// configuration does not target,
     /// non-finite values, no spectrum at all ([`Error::File`]); a spectrum whose shape is not
     /// `[n]` ([`Error::Shape`]) or whose dtype is not a float one ([`Error::DType`]).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join(CONFIG_FILE);
         let text = io::read(&config_path)?;
+        // PEFT's load_peft_weights: the safetensors file if it exists, else the pickle.
         let path = dir.join(WEIGHTS_FILE);
+        let bin = dir.join(BIN_WEIGHTS_FILE);
+        let pickled = !path.exists() && bin.exists();
+        let path = if pickled { bin } else { path };
         let bytes = io::read(&path)?;
-        Self::parse(&text, &config_path, &bytes, &path, Some(path.clone()))
+        Self::parse(
+            &text,
+            &config_path,
+            &bytes,
+            &path,
+            pickled,
+            Some(path.clone()),
+        )
     }
 
     /// Parses an adapter from the contents of its two files: `config_json` as in
@@ -171,52 +269,110 @@ impl PeftAdapter {
             Path::new(MEMORY_CONFIG),
             safetensors,
             Path::new(MEMORY_WEIGHTS),
+            false,
             None,
         )
     }
 
-    /// The shared body of [`load`](Self::load) and [`from_bytes`](Self::from_bytes); the paths
-    /// only label errors.
+    /// Like [`from_bytes`](Self::from_bytes), with the tensors as PEFT's [`BIN_WEIGHTS_FILE`]: a
+    /// `torch.save` zip archive of the state dict. It is read with candle's pickle reader behind a
+    /// validating pass (no Python, no code execution: only the opcodes of a state dict, sizes
+    /// checked before any allocation); every tensor gets the checks of the safetensors path.
+    /// Error messages name `<adapter_model.bin>`.
+    ///
+    /// # Errors
+    /// Those of [`from_bytes`](Self::from_bytes); [`Error::File`] for an archive that is not a
+    /// `torch.save` state dict of contiguous little-endian tensors (PyTorch's legacy non-zip
+    /// format included).
+    pub fn from_bin_bytes(config_json: impl AsRef<[u8]>, bin: &[u8]) -> Result<Self> {
+        Self::parse(
+            config_json.as_ref(),
+            Path::new(MEMORY_CONFIG),
+            bin,
+            Path::new(MEMORY_BIN),
+            true,
+            None,
+        )
+    }
+
+    /// The shared body of [`load`](Self::load), [`from_bytes`](Self::from_bytes) and
+    /// [`from_bin_bytes`](Self::from_bin_bytes); the paths only label errors.
     fn parse(
         text: &[u8],
         config_path: &Path,
         bytes: &[u8],
         path: &Path,
+        pickled: bool,
         source: Option<PathBuf>,
     ) -> Result<Self> {
         let config = parse_config(config_path, text)?;
+        if config.is_all_linear() {
+            // Checked before the tensors are read, with the shorthand's own message.
+            config.validate().map_err(|e| match e {
+                Error::Config(m) => file_error(config_path, m),
+                other => other,
+            })?;
+        } else {
+            ModuleMatcher::new(&config).map_err(|e| match e {
+                Error::Config(m) => file_error(config_path, m),
+                other => other,
+            })?;
+        }
+
+        let weights = if pickled {
+            Weights::Pickle(pickle::read_state_dict(path, bytes)?)
+        } else {
+            Weights::SafeTensors(io::parse_safetensors(path, bytes)?)
+        };
+        // PEFT's names start with `base_model.model.`; PEFT's low-level API
+        // (`get_peft_model_state_dict` of a model given to `inject_adapter_in_model`, as the
+        // transformers integration saves) writes them without, and `set_peft_model_state_dict`
+        // loads both.
+        let mut by_module: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut names = weights.names();
+        // Direct names before `.modules_to_save.` copies, so the direct one wins.
+        names.sort_by_key(|&n| {
+            let rest = n.strip_prefix(KEY_PREFIX).unwrap_or(n);
+            (rest.contains(".modules_to_save."), rest, n)
+        });
+        for &name in &names {
+            let rest = name.strip_prefix(KEY_PREFIX).unwrap_or(name);
+            if let Some(other) = by_module.insert(rest, name) {
+                return Err(file_error(
+                    path,
+                    format!(
+                        "tensors {other:?} and {name:?} name the same model tensor (with and \
+                         without the {KEY_PREFIX:?} prefix)"
+                    ),
+                ));
+            }
+        }
+        // A file whose target_modules is "all-linear" (PEFT never saves it: it writes the list it
+        // expanded) targets the modules it has spectra for.
+        let spectrum_modules = by_module
+            .keys()
+            .filter_map(|r| r.strip_suffix(SPECTRUM_SUFFIX));
+        let config = resolve_from_spectra(config, spectrum_modules);
         let matcher = ModuleMatcher::new(&config).map_err(|e| match e {
             Error::Config(m) => file_error(config_path, m),
             other => other,
         })?;
 
-        let st = io::parse_safetensors(path, bytes)?;
         let mut spectra = BTreeMap::new();
         let mut extra = BTreeMap::new();
-        let mut names: Vec<&str> = st.iter().map(|(name, _)| name).collect();
-        // Direct names before `.modules_to_save.` copies, so the direct one wins.
-        names.sort_by_key(|n| (n.contains(".modules_to_save."), *n));
         for name in names {
-            let view = st
-                .tensor(name)
-                .map_err(|e| file_error(path, format!("tensor {name:?}: {e}")))?;
-            let rest = name.strip_prefix(KEY_PREFIX).ok_or_else(|| {
-                file_error(
-                    path,
-                    format!("unexpected tensor {name:?}: names must start with {KEY_PREFIX:?}"),
-                )
-            })?;
+            let rest = name.strip_prefix(KEY_PREFIX).unwrap_or(name);
             if let Some(module) = rest.strip_suffix(SPECTRUM_SUFFIX) {
                 // Check the declared dtype and shape before converting any data.
                 let what = format!(" in {}", path.display());
-                let key = format!("{KEY_PREFIX}{module}{SPECTRUM_SUFFIX}{what}");
+                let key = format!("{name}{what}");
                 check_target(&matcher, module).map_err(|e| match e {
                     Error::Config(m) => file_error(path, m),
                     other => other,
                 })?;
-                let dtype = io::candle_dtype(path, name, view.dtype())?;
-                check_spectrum_layout(&matcher, module, &key, dtype, view.shape())?;
-                let t = io::load_view(path, name, &view)?;
+                let (dtype, shape) = weights.layout(path, name)?;
+                check_spectrum_layout(&matcher, module, &key, dtype, &shape)?;
+                let t = weights.load(path, name)?;
                 let t = check_spectrum(&matcher, module, &t, &what).map_err(|e| match e {
                     Error::Config(m) => file_error(path, m),
                     other => other,
@@ -237,7 +393,7 @@ impl PeftAdapter {
                 if extra.contains_key(&base_name) {
                     continue;
                 }
-                let t = io::load_view(path, name, &view)?;
+                let t = weights.load(path, name)?;
                 if let Some((i, x)) = io::first_non_finite(path, name, &t)? {
                     return Err(file_error(
                         path,
@@ -343,10 +499,41 @@ impl PeftAdapter {
         self.spectra.get(path)
     }
 
-    /// Tensors that replace base-model tensors of the same name (trained biases,
-    /// `modules_to_save`).
+    /// Every non-spectrum tensor of the adapter, named as in the base model: trained biases,
+    /// `modules_to_save` weights, and stored base weights of adapted modules (see
+    /// [`stored_base_weight`](Self::stored_base_weight)). [`replacements`](Self::replacements)
+    /// and [`stored_base_weight`](Self::stored_base_weight) split them by role.
     pub fn extra_tensors(&self) -> &BTreeMap<String, Tensor> {
         &self.extra
+    }
+
+    /// The base weight `W0` of adapted module `path` as stored in the adapter, if it is.
+    ///
+    /// PEFT saves `base_model.model.<path>.base_layer.weight` when it saves embedding layers
+    /// (`save_embedding_layers`, on by default when `lm_head` or `embed_tokens` is targeted).
+    /// Loading such an adapter puts that weight into the model, so the merged weight is this
+    /// `W0` plus ΔW — never this `W0` alone. This is the one rule for an extra tensor that names
+    /// an adapted weight; merging and the merged backend both use it.
+    pub fn stored_base_weight(&self, path: &str) -> Option<&Tensor> {
+        if !self.spectra.contains_key(path) {
+            return None;
+        }
+        self.extra.get(&format!("{path}.weight"))
+    }
+
+    /// The extra tensors that replace the base tensor of the same name (trained biases,
+    /// `modules_to_save` weights): [`extra_tensors`](Self::extra_tensors) without stored base
+    /// weights of adapted modules, which are merged instead.
+    pub fn replacements(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.extra
+            .iter()
+            .filter(|(name, _)| !self.is_stored_base_weight(name))
+    }
+
+    /// Whether extra tensor `name` is the stored base weight of an adapted module.
+    pub(crate) fn is_stored_base_weight(&self, name: &str) -> bool {
+        name.strip_suffix(".weight")
+            .is_some_and(|path| self.spectra.contains_key(path))
     }
 
     /// The file the adapter was read from, if any.
@@ -403,6 +590,7 @@ fn parse_config(config_path: &Path, text: &[u8]) -> Result<FourierFTConfig> {
             "invalid adapter config: expected a JSON object",
         ));
     };
+    check_unread_keys(config_path, &map)?;
     // PEFT dispatches on `peft_type`, so a file without it is no adapter of any kind.
     if !map.contains_key("peft_type") {
         return Err(file_error(
@@ -420,6 +608,30 @@ fn parse_config(config_path: &Path, text: &[u8]) -> Result<FourierFTConfig> {
         ));
     }
     Ok(config)
+}
+
+/// Refuses keys that change ΔW but that no PEFT release reads.
+///
+/// `ifft2_norm` comes from an unmerged PEFT pull request: released PEFT ignores it (with a warning)
+/// and always uses `"backward"`, so an adapter trained with another value would compute a ΔW of a
+/// different scale in PEFT than where it was trained. `"backward"` (or `null`) means the same as
+/// no key and is accepted.
+fn check_unread_keys(
+    config_path: &Path,
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    match map.get("ifft2_norm") {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(serde_json::Value::String(s)) if s == "backward" => Ok(()),
+        Some(other) => Err(file_error(
+            config_path,
+            format!(
+                "key \"ifft2_norm\" is {other}: no PEFT release reads this key (it always uses \
+                 \"backward\", dividing by d1·d2), so this adapter's ΔW has a scale that neither \
+                 PEFT nor this crate reproduces; retrain with the default normalisation"
+            ),
+        )),
+    }
 }
 
 /// The top-level key in whose value serde_json's error `e` occurred (serde's messages give a

@@ -3,36 +3,13 @@
 
 use super::adapter::{PeftAdapter, KEY_PREFIX, SPECTRUM_SUFFIX};
 use super::io::{self, file_error, OutTensor};
+use super::orientation::{Orientation, StoredShape};
+use super::prefix::prefix_hint;
 use crate::error::{dims_str, Error, Result};
 use crate::layer::{FourierLinear, DEFAULT_ADAPTER};
 use candle_core::{DType, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// Whether a weight of shape `dims` is stored `(in, out)` (GPT-2 Conv1D) rather than `(out, in)`.
-///
-/// PEFT decides per module from its Python type and rewrites the configuration's
-/// `fan_in_fan_out` as it goes, so a saved file only records the kind of the last adapted module.
-/// From files alone: a non-square weight with a bias is `(out, in)` if the bias has `dims.0`
-/// entries and `(in, out)` if it has `dims.1`; otherwise the configuration's value is used.
-///
-/// ```
-/// use fourierft::peft::resolve_fan_in_fan_out;
-/// assert!(resolve_fan_in_fan_out(false, (16, 40), Some(40))); // Conv1D(nf=40, nx=16)
-/// assert!(!resolve_fan_in_fan_out(true, (24, 16), Some(24))); // Linear(16 -> 24)
-/// assert!(resolve_fan_in_fan_out(true, (16, 16), Some(16))); // square: the config decides
-/// ```
-pub fn resolve_fan_in_fan_out(
-    config_value: bool,
-    dims: (usize, usize),
-    bias_len: Option<usize>,
-) -> bool {
-    match bias_len {
-        Some(n) if dims.0 != dims.1 && n == dims.0 => false,
-        Some(n) if dims.0 != dims.1 && n == dims.1 => true,
-        _ => config_value,
-    }
-}
 
 impl PeftAdapter {
     /// The merged weight `W0 + ΔW` (or `W0 + ΔWᵀ` when `fan_in_fan_out`) of the module at `path`,
@@ -56,14 +33,13 @@ impl PeftAdapter {
             message: format!("no tensor {key:?}"),
         })?;
         let what = format!("{name} (adapted by {key})");
-        let (a, b) = weight.dims2().map_err(|_| Error::Shape {
+        weight.dims2().map_err(|_| Error::Shape {
             what: what.clone(),
             expected: "2 dims".into(),
             found: dims_str(weight.dims()),
         })?;
         check_weight_dtype(&what, weight.dtype())?;
-        let (d1, d2) = if fan_in_fan_out { (b, a) } else { (a, b) };
-        let mut config = self.matcher().layer_config(path, d1, d2, fan_in_fan_out);
+        let mut config = self.matcher().layer_config(path, fan_in_fan_out);
         config.init_weights = true;
         let layer =
             FourierLinear::from_parts(weight.clone(), None, fan_in_fan_out)?.with_name(what);
@@ -79,7 +55,9 @@ impl PeftAdapter {
 pub struct MergeSummary {
     /// Weights that received `ΔW`, with whether they were treated as `(in, out)`.
     pub merged: Vec<(String, bool)>,
-    /// Tensors replaced by the adapter's extra tensors (biases, `modules_to_save`).
+    /// Tensors replaced by the adapter's extra tensors (biases, `modules_to_save`); a stored base
+    /// weight of an adapted module is merged, not replaced (see
+    /// [`PeftAdapter::stored_base_weight`]).
     pub replaced: Vec<String>,
     /// Tensors copied unchanged.
     pub copied: usize,
@@ -88,7 +66,9 @@ pub struct MergeSummary {
 /// Merges `adapter` into the safetensors file `base` and writes the result to `output`.
 ///
 /// The spectrum of module `<path>` goes into base tensor `<base_prefix><path>.weight` (layout per
-/// [`resolve_fan_in_fan_out`]); the adapter's extra tensors replace `<base_prefix><name>`. Merged
+/// [`Orientation::new`], see [`merge_safetensors_with`]; `W0` is the adapter's [stored base
+/// weight](PeftAdapter::stored_base_weight) when it has one, as PEFT loads it); the adapter's
+/// [replacements](PeftAdapter::replacements) replace `<base_prefix><name>`. Merged
 /// and replaced tensors keep the base tensor's dtype; every other tensor is copied byte for byte,
 /// and the base metadata is kept (with `"format": "pt"` added if absent). `output` is written to a
 /// temporary file in its directory and renamed, so on any error it is not created or changed.
@@ -106,8 +86,26 @@ pub fn merge_safetensors(
     base_prefix: &str,
     output: &Path,
 ) -> Result<MergeSummary> {
+    merge_safetensors_with(base, adapter, base_prefix, &Orientation::new(), output)
+}
+
+/// [`merge_safetensors`] with what is known about the layout of the weights (`(out, in)` or
+/// GPT-2's `(in, out)`): an explicit override or the base model's `config.json`, see
+/// [`Orientation`].
+///
+/// # Errors
+/// Those of [`merge_safetensors`], and [`Error::Config`] naming a module whose layout cannot
+/// be told (see [`Orientation::resolve`]).
+pub fn merge_safetensors_with(
+    base: &Path,
+    adapter: &PeftAdapter,
+    base_prefix: &str,
+    orientation: &Orientation,
+    output: &Path,
+) -> Result<MergeSummary> {
     let bytes = io::read(base)?;
-    let (tensors, metadata, summary) = merge_parsed(base, &bytes, adapter, base_prefix)?;
+    let (tensors, metadata, summary) =
+        merge_parsed(base, &bytes, adapter, base_prefix, orientation)?;
     io::write_safetensors(output, tensors, metadata)?;
     Ok(summary)
 }
@@ -146,7 +144,8 @@ pub fn merge_safetensors_bytes(
     base_prefix: &str,
 ) -> Result<(Vec<u8>, MergeSummary)> {
     let label = Path::new(MEMORY_BASE);
-    let (tensors, metadata, summary) = merge_parsed(label, base, adapter, base_prefix)?;
+    let (tensors, metadata, summary) =
+        merge_parsed(label, base, adapter, base_prefix, &Orientation::new())?;
     Ok((io::safetensors_bytes(label, tensors, metadata)?, summary))
 }
 
@@ -161,6 +160,7 @@ fn merge_parsed<'a>(
     bytes: &'a [u8],
     adapter: &PeftAdapter,
     base_prefix: &str,
+    orientation: &Orientation,
 ) -> Result<(
     Vec<(String, OutTensor<'a>)>,
     HashMap<String, String>,
@@ -172,28 +172,22 @@ fn merge_parsed<'a>(
     let mut summary = MergeSummary::default();
     let mut computed: HashMap<String, OutTensor<'static>> = HashMap::new();
 
-    // A weight the configuration targets must have its spectrum (PEFT would keep a random one).
-    for (name, view) in st.iter() {
-        let module = name
-            .strip_prefix(base_prefix)
-            .and_then(|rest| rest.strip_suffix(".weight"));
-        if let Some(path) = module {
-            let targeted = view.shape().len() == 2 && adapter.matcher().is_target(path);
-            if targeted && adapter.spectrum(path).is_none() {
-                let context = format!(" (tensor {name:?} of {})", base.display());
-                return Err(adapter.missing_spectrum(path, &context));
-            }
-        }
-    }
-
     for path in adapter.spectra().keys() {
         let name = format!("{base_prefix}{path}.weight");
         let view = st.tensor(&name).map_err(|_| {
             let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+            let names = st.iter().map(|(n, _)| n);
+            let hint = match prefix_hint(path, base_prefix, names) {
+                h if h.is_empty() => format!(
+                    "; nothing in the base is named like this module: check the base prefix \
+                     (given {base_prefix:?}) or whether the adapter belongs to this checkpoint"
+                ),
+                h => h,
+            };
             file_error(
                 base,
                 format!(
-                    "no tensor {name:?} for adapted module {path:?} ({}); check the base prefix",
+                    "no tensor {name:?} for adapted module {path:?} ({}){hint}",
                     adapter.describe(&key)
                 ),
             )
@@ -211,21 +205,58 @@ fn merge_parsed<'a>(
         };
         let dtype = io::candle_dtype(base, &name, view.dtype())?;
         check_weight_dtype(&what, dtype)?;
-        let bias_len = st
-            .tensor(&format!("{base_prefix}{path}.bias"))
-            .ok()
-            .and_then(|b| match b.shape() {
-                [n] => Some(*n),
-                _ => None,
-            });
-        let ffo = resolve_fan_in_fan_out(config_ffo, (*a, *b), bias_len);
-        let w0 = io::load_view(base, &name, &view)?;
+        let shape = stored_shape(&st, adapter, base_prefix, path, (*a, *b));
+        let others = || {
+            let mut all = BTreeMap::new();
+            for p in adapter.spectra().keys() {
+                if let Ok(v) = st.tensor(&format!("{base_prefix}{p}.weight")) {
+                    if let [x, y] = v.shape() {
+                        all.insert(
+                            p.clone(),
+                            stored_shape(&st, adapter, base_prefix, p, (*x, *y)),
+                        );
+                    }
+                }
+            }
+            Ok(all)
+        };
+        let ffo = orientation.resolve(path, shape, config_ffo, others)?;
+        let w0 = match adapter.stored_base_weight(path) {
+            // PEFT loads the stored W0 into the model before merging: it wins over the checkpoint.
+            Some(stored) if stored.dims() != view.shape() => {
+                return Err(Error::Shape {
+                    what: format!(
+                        "{} (the stored base weight of {path:?}) against {label}",
+                        adapter.describe(&format!("{KEY_PREFIX}{path}.base_layer.weight"))
+                    ),
+                    expected: dims_str(view.shape()),
+                    found: dims_str(stored.dims()),
+                })
+            }
+            Some(stored) => stored.to_dtype(dtype)?,
+            None => io::load_view(base, &name, &view)?,
+        };
         let merged = adapter.merged_weight(path, &w0, ffo, &label)?;
         computed.insert(name.clone(), OutTensor::owned(&merged)?);
         summary.merged.push((name, ffo));
     }
 
-    for (extra, t) in adapter.extra_tensors() {
+    // A weight the configuration targets must have its spectrum (PEFT would keep a random one);
+    // checked after every spectrum found its weight, so a wrong prefix is reported as one.
+    for (name, view) in st.iter() {
+        let module = name
+            .strip_prefix(base_prefix)
+            .and_then(|rest| rest.strip_suffix(".weight"));
+        if let Some(path) = module {
+            let targeted = view.shape().len() == 2 && adapter.matcher().is_target(path);
+            if targeted && adapter.spectrum(path).is_none() {
+                let context = format!(" (tensor {name:?} of {})", base.display());
+                return Err(adapter.missing_spectrum(path, &context));
+            }
+        }
+    }
+
+    for (extra, t) in adapter.replacements() {
         let name = format!("{base_prefix}{extra}");
         let what = adapter.describe(extra);
         let view = st.tensor(&name).map_err(|_| {
@@ -268,6 +299,32 @@ fn merge_parsed<'a>(
         }
     }
     Ok((tensors, metadata, summary))
+}
+
+/// The stored shape of module `path`'s weight and its bias length: the adapter's trained bias
+/// replaces the base one, so it counts first.
+fn stored_shape(
+    st: &safetensors::SafeTensors,
+    adapter: &PeftAdapter,
+    base_prefix: &str,
+    path: &str,
+    dims: (usize, usize),
+) -> StoredShape {
+    let bias = format!("{path}.bias");
+    let bias_len = match adapter.extra_tensors().get(&bias) {
+        Some(t) => match t.dims() {
+            [n] => Some(*n),
+            _ => None,
+        },
+        None => st
+            .tensor(&format!("{base_prefix}{bias}"))
+            .ok()
+            .and_then(|b| match b.shape() {
+                [n] => Some(*n),
+                _ => None,
+            }),
+    };
+    StoredShape { dims, bias_len }
 }
 
 /// The dtypes a weight may have to be merged into.

@@ -12,11 +12,16 @@
 mod adapter;
 mod io;
 mod merge;
+mod orientation;
+mod pickle;
+mod prefix;
 mod target;
 
 pub use adapter::{
-    adapter_dir, PeftAdapter, CONFIG_FILE, KEY_PREFIX, PEFT_FORMAT_VERSION, SPECTRUM_SUFFIX,
-    WEIGHTS_FILE,
+    adapter_dir, PeftAdapter, BIN_WEIGHTS_FILE, CONFIG_FILE, KEY_PREFIX, PEFT_FORMAT_VERSION,
+    SPECTRUM_SUFFIX, WEIGHTS_FILE,
 };
-pub use merge::{merge_safetensors, merge_safetensors_bytes, resolve_fan_in_fan_out, MergeSummary};
+pub use merge::{merge_safetensors, merge_safetensors_bytes, merge_safetensors_with, MergeSummary};
+pub use orientation::{Orientation, StoredShape, CONV1D_MODEL_TYPES, CONV1D_MODULES};
+pub use prefix::prefix_hint;
 pub use target::ModuleMatcher;
