@@ -4,6 +4,7 @@
     .venv/bin/python scripts/peft_roundtrip.py make    # (a) PEFT -> Rust fixtures
     .venv/bin/python scripts/peft_roundtrip.py check   # (b) Rust -> PEFT check
     .venv/bin/python scripts/peft_roundtrip.py check-seqcls  # Rust-trained head + biases -> PEFT
+    .venv/bin/python scripts/peft_roundtrip.py check-interop # Rust re-saves of real adapters -> PEFT
 
 (a) `make` builds a toy GPT-2-like model (non-square nn.Linear and transformers Conv1D layers),
 adapts it with PEFT (regex target_modules, n_frequency_pattern, seed != 777, fan_in_fan_out on
@@ -324,6 +325,32 @@ def check_seqcls():
     sys.exit(0 if rel <= TOL else 1)
 
 
+# ---------------------------------------------------------------- interop fixtures re-saved by Rust
+
+def check_interop():
+    """Loads tests/fixtures/peft_interop/<case>/resaved (each PEFT adapter read and written again
+    by the crate) onto the case's base model with PeftModel.from_pretrained and compares the
+    logits with those of the adapter PEFT wrote (io.safetensors)."""
+    import transformers as tf
+
+    classes = {"llama_lm_head": tf.LlamaForCausalLM, "gpt2_mixed": tf.GPT2LMHeadModel,
+               "bert_seqcls": tf.BertForSequenceClassification,
+               "bert_bias_all": tf.BertForSequenceClassification}
+    ok = True
+    for case, cls in classes.items():
+        d = os.path.join(ROOT, "peft_interop", case)
+        model = cls.from_pretrained(os.path.join(d, "base")).eval()
+        io = load_file(os.path.join(d, "io.safetensors"))
+        peft_model = PeftModel.from_pretrained(model, os.path.join(d, "resaved")).eval()
+        with torch.no_grad():
+            logits = peft_model(input_ids=io["input_ids"]).logits
+        err = rel_err(logits, io["logits_adapted"])
+        ok &= err <= TOL
+        print(f"  {case:14s} logits rel err {err:.3e}  {'ok' if err <= TOL else 'FAIL'}")
+    print("interop re-saves (Rust -> PEFT):", "PASS" if ok else "FAIL", versions())
+    sys.exit(0 if ok else 1)
+
+
 # ---------------------------------------------------------------- MiniLM (deploy_bert)
 
 def minilm(assets="target/demo-assets", adapter="target/demo-out/deploy-demo-adapter",
@@ -348,7 +375,8 @@ def minilm(assets="target/demo-assets", adapter="target/demo-out/deploy-demo-ada
 
 
 if __name__ == "__main__":
-    commands = {"make": make, "check": check, "check-seqcls": check_seqcls, "minilm": minilm}
+    commands = {"make": make, "check": check, "check-seqcls": check_seqcls,
+                "check-interop": check_interop, "minilm": minilm}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     commands[sys.argv[1]](*sys.argv[2:])
