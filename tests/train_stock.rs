@@ -2,7 +2,7 @@
 //! trajectories of real transformers + PEFT (`scripts/make_peft_trajectory_fixtures.py`): the
 //! same base weights, batches, initial spectra and AdamW hyper-parameters, 10 steps.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use candle_transformers::models::{bert, llama, qwen2};
 use fourierft::config::ModuleSelector;
@@ -513,17 +513,37 @@ fn fused_ops_pass_gradients() -> Result<()> {
         Tensor::new(&[[0.6f32, -0.8], [0.5, 0.9]], &Device::Cpu)?,
     );
     let w4 = w.reshape((1, 1, 2, 4))?;
-    let gf = (candle_nn::rotary_emb::rope(&x4, &cos, &sin)? * &w4)?
+    type Rope = fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    let pairs: [(Rope, Rope); 2] = [
+        (
+            candle_nn::rotary_emb::rope,
+            candle_nn::rotary_emb::rope_slow,
+        ),
+        (
+            candle_nn::rotary_emb::rope_i,
+            candle_nn::rotary_emb::rope_i_slow,
+        ),
+    ];
+    for (fused, slow) in pairs {
+        let gf = (fused(&x4, &cos, &sin)? * &w4)?.sum_all()?.backward()?;
+        let gs = (slow(&x4, &cos, &sin)? * &w4)?.sum_all()?.backward()?;
+        match (gf.get(x.as_tensor()), gs.get(x.as_tensor())) {
+            (Some(f), Some(s)) => assert!(rel(f, s)? < 1e-5, "{f} vs {s}"),
+            _ => anyhow::bail!("rope: no gradient"),
+        }
+    }
+    // rope_thd: (b, t, h, d) layout, same rotation.
+    let xt = x4.transpose(1, 2)?.contiguous()?;
+    let wt = w4.transpose(1, 2)?.contiguous()?;
+    let gf = (candle_nn::rotary_emb::rope_thd(&xt, &cos, &sin)? * &wt)?
         .sum_all()?
         .backward()?;
     let gs = (candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)? * &w4)?
         .sum_all()?
         .backward()?;
-    let (f, s) = (gf.get(x.as_tensor()), gs.get(x.as_tensor()));
-    match (f, s) {
+    match (gf.get(x.as_tensor()), gs.get(x.as_tensor())) {
         (Some(f), Some(s)) => assert!(rel(f, s)? < 1e-5, "{f} vs {s}"),
-        _ => anyhow::bail!("rope: no gradient"),
+        _ => anyhow::bail!("rope_thd: no gradient"),
     }
-    let _ = x.as_tensor().i(0)?;
     Ok(())
 }
