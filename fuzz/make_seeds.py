@@ -114,6 +114,12 @@ def main():
         config = (adir / "adapter_config.json").read_bytes()
         seed = prefixed(config) + (adir / "adapter_model.bin").read_bytes()
         (OUT / "load_adapter_bin" / case).write_bytes(seed)
+    # torch.save variants: OrderedDict with _metadata, bf16 Parameter, strided view.
+    tv = FIX / "peft_formats" / "torch_variants"
+    for name, n in [("ordered_dict_metadata", 3), ("parameter_bf16", 3), ("strided_view", 2)]:
+        config = json.dumps({"peft_type": "FOURIERFT", "n_frequency": n, "target_modules": ["fc"]}).encode()
+        seed = prefixed(config) + (tv / f"{name}.bin").read_bytes()
+        (OUT / "load_adapter_bin" / name).write_bytes(seed)
 
 
 if __name__ == "__main__":

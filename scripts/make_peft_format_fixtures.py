@@ -18,6 +18,7 @@ Cases (each tiny: a random-init model of a few thousand weights):
                        layers_to_transform=[1] with an empty layers_pattern ""
   llama_unprefixed/    PEFT's low-level API (inject_adapter_in_model + get_peft_model_state_dict):
                        tensor names without the "base_model.model." prefix
+  torch_variants/      torch.save of an OrderedDict with _metadata, a bf16 nn.Parameter, a strided view
   layers_<rule>_<v>/   a toy model whose module paths tell PEFT 0.19, 0.20 and 0.21's layer-index
                        regexes apart, adapted by PEFT <v> with layers_to_transform=[1] and
                        layers_pattern None (rule "default") or "layers" (rule "pattern")
@@ -195,6 +196,26 @@ def current_cases():
         f.write("\n")
 
 
+def torch_variants():
+    """torch_variants/: state dicts torch writes in other shapes than PEFT's plain dict."""
+    import collections
+
+    import torch
+
+    out = os.path.join(OUT, "torch_variants")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    key = "base_model.model.fc.fourierft_spectrum"
+    sd = collections.OrderedDict()
+    sd[key] = torch.tensor([1.0, -2.0, 0.5])
+    sd._metadata = collections.OrderedDict({"": {"version": 1}})
+    torch.save(sd, os.path.join(out, "ordered_dict_metadata.bin"))
+    torch.save({key: torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]).to(torch.bfloat16))},
+               os.path.join(out, "parameter_bf16.bin"))
+    torch.save({key: torch.arange(6.0).reshape(2, 3).t()[1]}, os.path.join(out, "strided_view.bin"))
+
+
 TOY = r'''
 import torch
 import torch.nn as nn
@@ -270,6 +291,7 @@ def main():
 
     os.makedirs(OUT, exist_ok=True)
     current_cases()
+    torch_variants()
     layers_case(peft.__version__)
     for version in OLD_VERSIONS:
         env = dict(os.environ, PYTHONPATH=old_peft_path(version), PYTHONWARNINGS="ignore")

@@ -279,6 +279,14 @@ fn hand_made_archives_are_checked_before_use() -> anyhow::Result<()> {
         a.spectrum("fc").expect("fc").to_vec1::<f32>()?,
         [-2.0, 0.5, 9.0]
     );
+    // A strided view of its storage (torch saves the whole storage) is gathered.
+    let strided = state_dict_pickle(key, 7, 1, &[3], &[2]);
+    let data7: Vec<u8> = (0..7).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let a = PeftAdapter::from_bin_bytes(config, &archive(&strided, &[("0", &data7)])?)?;
+    assert_eq!(
+        a.spectrum("fc").expect("fc").to_vec1::<f32>()?,
+        [1.0, 3.0, 5.0]
+    );
     let fails = |pkl: Vec<u8>, storage: &[u8], wanted: &str| -> anyhow::Result<()> {
         let e =
             PeftAdapter::from_bin_bytes(config, &archive(&pkl, &[("0", storage)])?).unwrap_err();
@@ -286,22 +294,23 @@ fn hand_made_archives_are_checked_before_use() -> anyhow::Result<()> {
         assert!(e.to_string().contains(wanted), "{e} lacks {wanted:?}");
         Ok(())
     };
-    // Past the storage, a storage of the wrong size, a strided view, a wrong shape.
+    // Past the storage (by offset, by stride), a storage of the wrong size, a wrong shape.
     fails(
         state_dict_pickle(key, 4, 2, &[3], &[1]),
         &data,
-        "runs past its storage",
+        "run past its storage",
+    )?;
+    fails(
+        state_dict_pickle(key, 4, 0, &[3], &[2]),
+        &data,
+        "run past its storage",
     )?;
     fails(
         state_dict_pickle(key, 5, 0, &[3], &[1]),
         &data,
         "holds 16 bytes, expected 20",
     )?;
-    fails(
-        state_dict_pickle(key, 4, 0, &[2], &[2]),
-        &data,
-        "not contiguous",
-    )?;
+
     fails(
         state_dict_pickle(key, 4, 0, &[4], &[1]),
         &data,
@@ -589,6 +598,73 @@ fn bin_fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
         if let Some(Err(e)) = load(&std::fs::read(&f)?) {
             assert!(!e.to_string().contains('\n'), "{f:?}: {e}");
         }
+    }
+    Ok(())
+}
+
+/// Model-level injection with `"all-linear"`: every linear layer built through
+/// `fourierft::inject` but the named output head is adapted, and the saved configuration holds
+/// the expanded list, as PEFT saves it.
+#[test]
+fn injection_resolves_all_linear_and_saves_it_expanded() -> anyhow::Result<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    use fourierft::inject::{self, AdapterContext};
+    let config = FourierFTConfig {
+        target_modules: Some(ModuleSelector::Regex("all-linear".into())),
+        n_frequency: 4,
+        init_seed: Some(0),
+        ..Default::default()
+    };
+    // Without the output head this crate cannot tell which layer PEFT leaves out.
+    let e = AdapterContext::new(config.clone()).unwrap_err();
+    assert!(e.to_string().contains("output_head"), "{e}");
+    let ctx = AdapterContext::new(FourierFTConfig {
+        output_head: Some("lm_head".into()),
+        ..config
+    })?;
+    let varmap = VarMap::new();
+    let vb = ctx.var_builder(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu));
+    let _fc1 = inject::linear(8, 6, vb.pp("layers.0.fc1"))?;
+    let _fc2 = inject::linear(6, 8, vb.pp("layers.0.fc2"))?;
+    let _head = inject::linear(8, 5, vb.pp("lm_head"))?;
+    ctx.check()?;
+    assert_eq!(ctx.layer_paths(), ["layers.0.fc1", "layers.0.fc2"]);
+    let tmp = tempfile::tempdir()?;
+    ctx.save_pretrained(tmp.path())?;
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("adapter_config.json"))?)?;
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["layers.0.fc1", "layers.0.fc2"])
+    );
+    assert!(cfg.get("output_head").is_none(), "{cfg}");
+    Ok(())
+}
+
+/// State dicts torch writes in other shapes load too (files made with torch 2.15's `torch.save`
+/// in `torch_variants/`): an `OrderedDict` with `_metadata` (as `model.state_dict()` has), an
+/// `nn.Parameter` in bf16, and a strided view (`torch.arange(6.).reshape(2, 3).t()[1]`).
+/// `ordered_dict_metadata.bin` is also a valid archive that the zip crate's default archive-offset
+/// detection rejects (and with it candle's `pickle::read_all`).
+#[test]
+fn torch_state_dict_variants_load() -> anyhow::Result<()> {
+    let dir = fixture("torch_variants");
+    let config = |n: usize| {
+        format!(r#"{{"peft_type": "FOURIERFT", "n_frequency": {n}, "target_modules": ["fc"]}}"#)
+    };
+    for (file, want) in [
+        ("ordered_dict_metadata.bin", vec![1.0f32, -2.0, 0.5]),
+        ("parameter_bf16.bin", vec![1.0, -2.0, 0.5]),
+        ("strided_view.bin", vec![1.0, 4.0]),
+    ] {
+        let bytes = std::fs::read(dir.join(file))?;
+        let a = PeftAdapter::from_bin_bytes(config(want.len()), &bytes)
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        assert_eq!(
+            a.spectrum("fc").expect("fc").to_vec1::<f32>()?,
+            want,
+            "{file}"
+        );
     }
     Ok(())
 }

@@ -10,8 +10,8 @@
 //! length runs past the data, an integer is wider than 8 bytes, the objects would hold more nodes
 //! than [`work_budget`] allows, or nesting exceeds [`MAX_DEPTH`]. The tensors are then taken from
 //! candle's object tree by pattern matching (never by candle's `remove(i)`-based helpers), and
-//! each storage is checked against its declared size, dtype, offset and strides before any
-//! tensor is built.
+//! each storage is checked against its declared size and dtype, and each view's offset and
+//! strides against its storage, before any tensor is built (strided views are gathered).
 
 use super::io::file_error;
 use crate::error::Result;
@@ -48,7 +48,7 @@ impl PthTensor {
 /// # Errors
 /// [`crate::Error::File`] naming `path` (and the key, where there is one) for anything that is not
 /// a zip archive with one `*/data.pkl` holding a dict of tensors of supported dtypes whose
-/// storages are present, of the declared size, little endian, and hold each tensor contiguously.
+/// storages are present, of the declared size, little endian, and hold each tensor's view.
 pub(crate) fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, PthTensor>> {
     let err = |m: String| file_error(path, m);
     let len = bytes.len() as u64;
@@ -60,7 +60,12 @@ pub(crate) fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<BTreeMap<Stri
                 .into(),
         ));
     }
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
+    // torch.save archives start at byte 0. The zip crate's default offset detection rejects some
+    // valid torch archives ("Invalid Central Directory header"; candle's own reader fails on them).
+    let config = zip::read::Config {
+        archive_offset: zip::read::ArchiveOffset::Known(0),
+    };
+    let mut zip = zip::ZipArchive::with_config(config, Cursor::new(bytes)).map_err(|e| {
         err(format!(
             "not a PyTorch (torch.save) zip archive: {}",
             short(&e.to_string())
@@ -128,6 +133,11 @@ pub(crate) fn read_state_dict(path: &Path, bytes: &[u8]) -> Result<BTreeMap<Stri
                 )))
             }
         };
+        // An OrderedDict's `_metadata` attribute (torch's `state_dict()`), which candle's BUILD
+        // merges into the dict's items; torch restores it as an attribute, not a key.
+        if name == "_metadata" && matches!(value, Object::Dict(_)) {
+            continue;
+        }
         let info = tensor_info(value).map_err(|m| err(format!("tensor {name:?}: {m}")))?;
         if !storages.contains_key(&info.key) {
             let data = read_storage(&mut zip, path, &dir, &name, &info, len)?;
@@ -253,36 +263,63 @@ fn read_storage(
     Ok(data)
 }
 
-/// The bytes of a contiguous (row-major) tensor inside its storage.
+/// The bytes of a tensor (row-major) gathered from its storage by offset and strides, every
+/// index checked against the storage's size first.
 fn slice_tensor(storage: &[u8], info: &TensorInfo) -> std::result::Result<Vec<u8>, String> {
     let numel = info
         .shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .ok_or("its element count overflows")?;
-    let mut expected = 1usize;
-    for (i, (&d, &s)) in info.shape.iter().zip(&info.stride).enumerate().rev() {
-        if d > 1 && s != expected {
-            return Err(format!(
-                "stride {:?} for shape {:?} is not contiguous (dimension {i}); only contiguous \
-                 tensors are supported",
-                info.stride, info.shape
-            ));
-        }
-        expected = expected.saturating_mul(d);
+    let size = info.dtype.size_in_bytes();
+    if numel == 0 {
+        return Ok(Vec::new());
     }
-    let end = info
-        .offset
-        .checked_add(numel)
-        .filter(|&e| e <= info.storage_numel)
+    // The last element a view reaches: offset + Σ (d - 1)·stride.
+    let last = info
+        .shape
+        .iter()
+        .zip(&info.stride)
+        .try_fold(info.offset, |acc, (&d, &s)| {
+            (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+        })
+        .filter(|&l| l < info.storage_numel)
         .ok_or_else(|| {
             format!(
-                "offset {} + {numel} values runs past its storage of {} values",
-                info.offset, info.storage_numel
+                "size {:?}, stride {:?} and offset {} run past its storage of {} values",
+                info.shape, info.stride, info.offset, info.storage_numel
             )
         })?;
-    let size = info.dtype.size_in_bytes();
-    Ok(storage[info.offset * size..end * size].to_vec())
+    let contiguous = {
+        let mut expected = 1usize;
+        let mut ok = true;
+        for (&d, &s) in info.shape.iter().zip(&info.stride).rev() {
+            ok &= d <= 1 || s == expected;
+            expected = expected.saturating_mul(d);
+        }
+        ok
+    };
+    if contiguous {
+        return Ok(storage[info.offset * size..(last + 1) * size].to_vec());
+    }
+    // A strided view (torch saves the whole storage): gather element by element.
+    let mut out = Vec::with_capacity(numel * size);
+    let mut index = vec![0usize; info.shape.len()];
+    for _ in 0..numel {
+        let at = index
+            .iter()
+            .zip(&info.stride)
+            .fold(info.offset, |acc, (&i, &s)| acc + i * s);
+        out.extend_from_slice(&storage[at * size..(at + 1) * size]);
+        for (i, &d) in index.iter_mut().zip(&info.shape).rev() {
+            *i += 1;
+            if *i < d {
+                break;
+            }
+            *i = 0;
+        }
+    }
+    Ok(out)
 }
 
 /// The dtype of a torch storage class (`torch.FloatStorage`, ...).
