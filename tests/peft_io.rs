@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use fourierft::config::{Bias, ModuleSelector, OneOrMany};
 use fourierft::peft::{ModuleMatcher, PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use fourierft::{Error, FourierFTConfig, SpectralEntries};
+use fourierft::{Error, FourierFTConfig};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
