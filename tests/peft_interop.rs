@@ -8,6 +8,8 @@
 //! `false`), `bert_seqcls` (SEQ_CLS: a trained classifier head in `modules_to_save`),
 //! `bert_bias_all` (`bias = "all"`: every bias trained and saved).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -321,7 +323,10 @@ fn seqcls_base() -> anyhow::Result<(HashMap<String, Tensor>, Tensor, Tensor)> {
     let mut t = |dims: &[usize], scale: f32| -> anyhow::Result<Tensor> {
         seed += 1;
         let n = dims.iter().product();
-        let v: Vec<f32> = lcg(n, seed).into_iter().map(|x| x * scale).collect();
+        let v: Vec<f32> = common::lcg_coeffs(n, seed)
+            .into_iter()
+            .map(|x| x * scale)
+            .collect();
         Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
     };
     let mut base = HashMap::new();
@@ -344,20 +349,6 @@ fn seqcls_base() -> anyhow::Result<(HashMap<String, Tensor>, Tensor, Tensor)> {
     let x = t(&[4, 5, 12], 1.0)?;
     let labels = Tensor::new(&[0u32, 2, 1, 2], &Device::Cpu)?;
     Ok((base, x, labels))
-}
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            2.0 * ((z >> 40) as f32 / ((1u64 << 24) - 1) as f32) - 1.0
-        })
-        .collect()
 }
 
 /// A SEQ_CLS adapter with `bias = "all"` trained in Rust: the head and every bias are trainable
