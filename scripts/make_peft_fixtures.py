@@ -72,7 +72,7 @@ def main():
         os.environ["PYTHONHASHSEED"] = "0"
         os.execv(sys.executable, [sys.executable] + sys.argv)
 
-    # Sanity check of torch's randperm against DESIGN.md §2.
+    # Sanity check of torch's randperm (seed 777, n = 10) against the value the Rust tests use.
     rp = torch.randperm(10, generator=torch.Generator().manual_seed(777)).tolist()
     assert rp == [5, 9, 0, 3, 1, 7, 4, 8, 6, 2], rp
 
@@ -126,7 +126,7 @@ def main():
             delta = layer.get_delta_weight("default").float()
         assert delta.shape == (d1, d2)
 
-        # DESIGN.md §1: ΔW = scaling * ifft2(dense).real, equal to the naive cosine sum.
+        # ΔW = scaling * ifft2(dense).real, equal to the naive cosine sum (docs/ARCHITECTURE.md).
         dense = torch.zeros(d1, d2, dtype=torch.float64)
         dense[rows, cols] = spectrum.double()
         ifft64 = torch.fft.ifft2(dense).real * SCALING

@@ -226,7 +226,7 @@ def make():
     assert rel_err(y_merged, y_adapted) < TOL
     assert rel_err(y_adapted, y_base) > 1e-2, "the adapter must change the outputs"
 
-    # PEFT's per-module facts, checked against DESIGN.md.
+    # PEFT's per-module facts (n, layout), as the Rust tests expect them.
     for i in range(2):
         for name, n, ffo in (("c_fc", 60, True), ("c_proj", 100, True), ("gate", 30 if i else 60, False)):
             layer = getattr(inner.h[i], name)

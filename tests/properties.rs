@@ -1,7 +1,7 @@
 //! Property tests (proptest) over random shapes, entries, coefficients and seeds:
 //! ΔW of both paths and the spectral forward against the independent f64 reference, merge →
 //! unmerge round trips, validity of sampled entries, and PEFT's entry sampling against a
-//! straightforward torch `randperm` written here from DESIGN.md §2.
+//! straightforward torch `randperm` (torch's small-n Fisher–Yates branch) written here.
 //!
 //! Case counts are modest (the whole file runs in about a second on 2 cores); set
 //! `PROPTEST_CASES` to run more.
@@ -289,7 +289,7 @@ fn peft_sampling_equals_reference_randperm_for_common_seeds() {
             assert_eq!(e.flat_indices(), want, "{d1}x{d2} seed {seed}");
         }
     }
-    // DESIGN.md's vector.
+    // torch.randperm(10, generator=torch.Generator().manual_seed(777)).
     assert_eq!(
         reference_randperm(10, 777),
         vec![5, 9, 0, 3, 1, 7, 4, 8, 6, 2]
@@ -365,7 +365,7 @@ impl Mt {
 }
 
 /// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))` for
-/// `n < 214,748,364`: the forward Fisher–Yates variant of DESIGN.md §2, on the whole array.
+/// `n < 214,748,364`: torch's forward Fisher–Yates variant, on the whole array.
 fn reference_randperm(n: u64, seed: u64) -> Vec<u64> {
     assert!(n < u32::MAX as u64 / 20, "the small-n branch only");
     let mut rng = Mt::new(seed);

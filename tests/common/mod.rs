@@ -1,5 +1,5 @@
 //! Independent f64 reference helpers shared by the integration tests.
-//! Deliberately naive: no FFT, no crate code, just the formula of DESIGN.md §1.
+//! Deliberately naive: no FFT, no crate code, just the formula of docs/ARCHITECTURE.md ("The function every path computes").
 #![allow(dead_code)]
 
 use std::f64::consts::PI;
