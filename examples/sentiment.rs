@@ -13,8 +13,10 @@
 //!
 //! Timing: "step ms" is the wall time of a training step (batch building, forward, backward,
 //! AdamW), "step CPU ms" the CPU time of the process over it (all threads) — the work, which
-//! other load on a shared machine disturbs less. `bert::tune_runtime` sets glibc malloc to keep
-//! freed memory, `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS=1` (unless set) at start; see there.
+//! other load on a shared machine disturbs less. `bert::tune_runtime` applies the crate's CPU
+//! training settings at start (`fourierft::runtime::init_cpu_training`: `CANDLE_NUM_THREADS=1`
+//! and `RAYON_NUM_THREADS` unless set, glibc keeps freed buffers, subnormals flushed to zero;
+//! docs/PERFORMANCE.md). `--profile` prints the time per op kind for the first epoch.
 
 mod bert;
 

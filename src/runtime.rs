@@ -218,11 +218,13 @@ fn set_everywhere(on: bool) -> (bool, Vec<bool>) {
 /// rayon pool while it lives; dropping it restores each thread's previous mode.
 ///
 /// ```
-/// let guard = fourierft::runtime::FlushGuard::new();
-/// let tiny = std::hint::black_box(1e-30f32);
-/// let product = std::hint::black_box(tiny * tiny); // 1e-60 is below f32's range either way
-/// assert_eq!(product, 0.0);
-/// drop(guard);
+/// use fourierft::runtime::{FlushGuard, FLUSH_SUPPORTED};
+/// use std::hint::black_box;
+/// let guard = FlushGuard::new();
+/// // 2^-127 is subnormal: flushed to zero where the target supports it.
+/// let half_min = black_box(f32::MIN_POSITIVE) * black_box(0.5);
+/// assert_eq!(half_min == 0.0, FLUSH_SUPPORTED);
+/// drop(guard); // each thread's previous mode is back
 /// ```
 #[must_use = "the mode is restored when the guard is dropped"]
 pub struct FlushGuard {
