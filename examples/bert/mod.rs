@@ -1,7 +1,7 @@
 //! A small BERT encoder for the sentiment demo and its tests: MiniLM-L6 (all-MiniLM-L6-v2) from
 //! its safetensors, with trainable adapters on the attention's query and value projections.
 //!
-//! Built for training on CPU with candle 0.11 (DESIGN.md §3), where every pass over memory, every
+//! Built for training on CPU with candle 0.11, where every pass over memory, every
 //! graph node (candle zero-fills and accumulates a gradient buffer per node) and every
 //! weight-sized GEMM shows in the step time. Per layer the graph has seven nodes:
 //! - query and value ([`Proj`]), and the key through `fourierft::ops::frozen_linear`, whose
