@@ -19,7 +19,9 @@ enum GradMap {
 }
 
 /// Returns its second argument (computed outside the graph); its backward sends the gradient,
-/// mapped by [`GradMap`], to the first.
+/// mapped by [`GradMap`], to the first. CPU only: on other devices the callers compose candle's
+/// own ops instead (see [`frozen_linear`]), so nothing here depends on which of this crate's
+/// features are enabled — only on the tensor's device.
 struct AttachGrad(GradMap);
 
 impl CustomOp2 for AttachGrad {
@@ -34,28 +36,6 @@ impl CustomOp2 for AttachGrad {
         y: &CpuStorage,
         yl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        y: &candle_core::MetalStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
         Ok((y.try_clone(yl)?, yl.shape().clone()))
     }
 
@@ -97,6 +77,9 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.map_or(true, cpu_f32) {
         return frozen_linear_cpu(x, &weight, bias);
     }
+    if !x.device().is_cpu() {
+        return composed_linear(x, &weight, bias);
+    }
     let mut y = x.detach().matmul(&weight.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(&b.detach())?;
@@ -105,6 +88,23 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         return Ok(y);
     }
     attach(x, y, GradMap::MatmulBy(weight))
+}
+
+/// [`frozen_linear`] from candle's own ops, for devices without this crate's CPU ops (CUDA,
+/// Metal): correct everywhere, but candle's matmul backward also forms the (discarded) weight
+/// gradient.
+fn composed_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.detach().t()?)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
+    })
+}
+
+/// [`add_to_frozen`] from candle's own ops (non-CPU devices): the sum in `acc`, cast back.
+fn composed_add(delta: &Tensor, frozen: &Tensor, acc: DType) -> Result<Tensor> {
+    let sum = (frozen.detach().to_dtype(acc)? + delta.to_dtype(acc)?)?;
+    Ok(sum.to_dtype(frozen.dtype())?)
 }
 
 /// `frozen + delta` in `frozen`'s dtype (the sum taken in f32, or f64 for f64 weights), with
@@ -128,6 +128,9 @@ pub fn add_to_frozen(delta: &Tensor, frozen: &Tensor) -> Result<Tensor> {
     } else {
         DType::F32
     };
+    if !delta.device().is_cpu() {
+        return composed_add(delta, frozen, acc);
+    }
     let sum = (frozen.detach().to_dtype(acc)? + delta.detach().to_dtype(acc)?)?
         .to_dtype(frozen.dtype())?;
     if !delta.track_op() {
@@ -213,4 +216,51 @@ fn attach(operand: &Tensor, value: Tensor, map: GradMap) -> Result<Tensor> {
         value.copy()?
     };
     Ok(operand.apply_op2(&value, AttachGrad(map))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor) -> bool {
+        let d = (a - b).and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
+        d.is_ok_and(|d| d <= 1e-5)
+    }
+
+    /// The candle-op compositions used off the CPU give the custom ops' values and gradients
+    /// (checked on the CPU, the one device every build has).
+    #[test]
+    fn composed_paths_match_the_cpu_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 4.0, -1.0]], &dev)?;
+        let b = Tensor::new(&[0.25f32, -0.5], &dev)?;
+        let x = Var::new(&[[1f32, -1.0, 2.0], [0.5, 0.0, -3.0]], &dev)?;
+        let fused = frozen_linear(x.as_tensor(), &w, Some(&b))?;
+        let composed = composed_linear(x.as_tensor(), &w, Some(&b))?;
+        assert!(close(&fused, &composed));
+        let g1 = fused.sqr()?.sum_all()?.backward()?;
+        let g2 = composed.sqr()?.sum_all()?.backward()?;
+        assert!(close(
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap()
+        ));
+
+        let delta = Var::new(&[[0.5f32, 0.0, 1.0], [0.0, -0.5, 2.0]], &dev)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let frozen = w.to_dtype(dtype)?;
+            let a = add_to_frozen(delta.as_tensor(), &frozen)?;
+            let c = composed_add(delta.as_tensor(), &frozen, DType::F32)?;
+            assert_eq!(a.dtype(), c.dtype());
+            assert!(close(&a.to_dtype(DType::F32)?, &c.to_dtype(DType::F32)?));
+            let ga = a.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+            let gc = c.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+            let (ga, gc) = (
+                ga.get(delta.as_tensor()).unwrap(),
+                gc.get(delta.as_tensor()).unwrap(),
+            );
+            assert!(close(ga, gc), "{dtype:?}");
+        }
+        Ok(())
+    }
 }
