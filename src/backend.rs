@@ -296,27 +296,16 @@ impl<'a> AdapterBackend<'a> {
         adapter.merged_weight(path, w0, ffo, &format!("weight {name:?}"))
     }
 
-    /// The stored shape of module `path`'s weight and its bias length (the adapter's trained
-    /// bias replaces the base one, so it counts first).
+    /// [`StoredShape::of`] module `path`, with the base bias read from the base `VarBuilder`.
     fn stored_shape(&self, adapter: &PeftAdapter, path: &str, dims: (usize, usize)) -> StoredShape {
-        let bias_name = format!("{}{path}.bias", self.prefix);
-        let bias_dims = match self.extras.get(&bias_name) {
-            Some(extra) => adapter
-                .extra_tensors()
-                .get(extra)
-                .map(|t| t.dims().to_vec()),
-            None if self.base.contains_tensor(&bias_name) => self
-                .base
-                .get_unchecked_dtype(&bias_name, DType::F32)
-                .ok()
-                .map(|t| t.dims().to_vec()),
-            None => None,
-        };
-        let bias_len = match bias_dims.as_deref() {
-            Some([n]) => Some(*n),
-            _ => None,
-        };
-        StoredShape { dims, bias_len }
+        StoredShape::of(adapter, path, dims, || {
+            let name = format!("{}{path}.bias", self.prefix);
+            if !self.base.contains_tensor(&name) {
+                return None;
+            }
+            let bias = self.base.get_unchecked_dtype(&name, DType::F32).ok()?;
+            Some(bias.dims().to_vec())
+        })
     }
 
     /// The stored shapes of every adapted module found in the base, read once.

@@ -301,15 +301,9 @@ fn layer_shape(
         });
     };
     let stored = |path: &str, dims: (usize, usize)| {
-        let bias_dims = match adapter.extra_tensors().get(&format!("{path}.bias")) {
-            Some(t) => Some(t.dims().to_vec()),
-            None => shapes.get(&format!("{prefix}{path}.bias")).cloned(),
-        };
-        let bias_len = match bias_dims.as_deref() {
-            Some([n]) => Some(*n),
-            _ => None,
-        };
-        StoredShape { dims, bias_len }
+        StoredShape::of(adapter, path, dims, || {
+            shapes.get(&format!("{prefix}{path}.bias")).cloned()
+        })
     };
     let others = || {
         let mut all = BTreeMap::new();

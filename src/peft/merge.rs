@@ -301,8 +301,7 @@ fn merge_parsed<'a>(
     Ok((tensors, metadata, summary))
 }
 
-/// The stored shape of module `path`'s weight and its bias length: the adapter's trained bias
-/// replaces the base one, so it counts first.
+/// [`StoredShape::of`] module `path`, with the base bias read from the safetensors header.
 fn stored_shape(
     st: &safetensors::SafeTensors,
     adapter: &PeftAdapter,
@@ -310,21 +309,10 @@ fn stored_shape(
     path: &str,
     dims: (usize, usize),
 ) -> StoredShape {
-    let bias = format!("{path}.bias");
-    let bias_len = match adapter.extra_tensors().get(&bias) {
-        Some(t) => match t.dims() {
-            [n] => Some(*n),
-            _ => None,
-        },
-        None => st
-            .tensor(&format!("{base_prefix}{bias}"))
-            .ok()
-            .and_then(|b| match b.shape() {
-                [n] => Some(*n),
-                _ => None,
-            }),
-    };
-    StoredShape { dims, bias_len }
+    StoredShape::of(adapter, path, dims, || {
+        let bias = st.tensor(&format!("{base_prefix}{path}.bias")).ok()?;
+        Some(bias.shape().to_vec())
+    })
 }
 
 /// The dtypes a weight may have to be merged into.

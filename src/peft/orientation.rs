@@ -19,6 +19,7 @@
 //!
 //! Anything else is an [`Error::Config`] naming the module and what to pass.
 
+use super::adapter::PeftAdapter;
 use crate::error::{Error, Result};
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -47,6 +48,26 @@ pub struct StoredShape {
 }
 
 impl StoredShape {
+    /// The layout evidence of adapted module `path`: its weight's stored `dims` and the length of
+    /// its 1-D bias — the adapter's trained bias when it has one (it replaces the base's), else the
+    /// base's, whose dims `base_bias` reads (called only then).
+    pub fn of(
+        adapter: &PeftAdapter,
+        path: &str,
+        dims: (usize, usize),
+        base_bias: impl FnOnce() -> Option<Vec<usize>>,
+    ) -> Self {
+        let bias = match adapter.extra_tensors().get(&format!("{path}.bias")) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => base_bias(),
+        };
+        let bias_len = match bias.as_deref() {
+            Some([n]) => Some(*n),
+            _ => None,
+        };
+        Self { dims, bias_len }
+    }
+
     /// What the bias proves: `Some(true)` for `(in, out)`, `Some(false)` for `(out, in)`, `None`
     /// when it proves nothing (square weight, no bias, or a bias of neither length).
     fn bias_says(self) -> Option<bool> {
