@@ -4,10 +4,11 @@
 How to run (from the repository root):
 
     python3 -m venv .venv && .venv/bin/pip install torch peft safetensors transformers \
-        && .venv/bin/python scripts/make_peft_fixtures.py [mlp|interop|formats|all]
+        && .venv/bin/python scripts/make_peft_fixtures.py [mlp|interop|formats|half|all]
 
 `interop` writes tests/fixtures/peft_interop/<case>/ from tiny random-init transformers models
-(see `interop()`); `formats` runs scripts/make_peft_format_fixtures.py.
+(see `interop()`); `formats` runs scripts/make_peft_format_fixtures.py, `half` runs
+scripts/make_peft_half_fixtures.py (a bf16 model).
 
 Writes (all small, a few tens of KB):
   adapter/adapter_model.safetensors, adapter/adapter_config.json  -- PEFT's own save_pretrained output
@@ -266,10 +267,9 @@ if __name__ == "__main__":
         main()
     if which in ("interop", "all"):
         interop()
-    if which in ("formats", "all"):
-        here = os.path.dirname(os.path.abspath(__file__))
-        formats = os.path.join(here, "make_peft_format_fixtures.py")
-        if os.path.exists(formats):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for mode, script in (("formats", "make_peft_format_fixtures.py"), ("half", "make_peft_half_fixtures.py")):
+        if which in (mode, "all"):
             import subprocess
 
-            subprocess.run([sys.executable, formats], check=True)
+            subprocess.run([sys.executable, os.path.join(here, script)], check=True)

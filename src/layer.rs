@@ -542,6 +542,12 @@ impl FourierLinear {
             .collect();
         let y = if st.disabled || !st.merged.is_empty() || active.is_empty() {
             self.base_forward(&st, &x2)?
+        } else if crate::ops::half::is_half(st.weight.dtype()) {
+            // f16/bf16: each adapter's x·ΔWᵀ in f32, added to the rounded base (`ops::half`).
+            let base = self.base_forward(&st, &x2)?;
+            let x32 = x2.to_dtype(DType::F32)?;
+            let parts = active.iter().map(|a| self.adapter_forward(a, &x32, st.mode));
+            crate::ops::half::add_in_f32(&base, parts)?
         } else if ForwardMode::resolve_all(st.mode, &active, tokens, x.device())
             == ForwardMode::Dense
         {

@@ -9,7 +9,7 @@
 //! and run candle's per-node gradient bookkeeping over each of them.
 
 use super::gemm::{self, Mat};
-use super::{add_to_frozen, delta_weight, f32_slice};
+use super::{add_to_frozen, delta_weight, f32_slice, frozen_linear, half};
 use crate::entries::SpectralEntries;
 use crate::error::{dims_str, Error, Result};
 use crate::spectral::plans::{self, Pooled};
@@ -141,7 +141,9 @@ impl CustomOp2 for FourierLinearGrad {
 /// `coeffs` only (nothing weight-sized is kept for W0 or the bias).
 ///
 /// On CPU with f32 operands this is one fused op (see the module docs); elsewhere it is composed
-/// of [`delta_weight`], [`add_to_frozen`] and a matmul. This is [`FourierLinear`]'s unmerged
+/// of [`delta_weight`], [`add_to_frozen`] and a matmul. With an f16/bf16 `weight` the adapter's
+/// contribution `x·ΔWᵀ` is computed in f32 and added to the rounded base output, as PEFT does, so
+/// an update smaller than W0's rounding still reaches the output. This is [`FourierLinear`]'s unmerged
 /// dense forward with one active adapter.
 ///
 /// [`FourierLinear`]: crate::FourierLinear
@@ -206,6 +208,13 @@ pub fn fourier_linear(
         format!("[{}]", entries.len()),
     )?;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if half::is_half(weight.dtype()) {
+        // The contribution in f32, added to the rounded base output (see `ops::half`).
+        let base = frozen_linear(x, weight, bias)?;
+        let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
+        let contribution = x.to_dtype(DType::F32)?.matmul(&dw.t()?);
+        return half::add_in_f32(&base, [contribution.map_err(Error::from)]);
+    }
     if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.map_or(true, cpu_f32)) {
         let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
         let w = add_to_frozen(&dw, weight)?;

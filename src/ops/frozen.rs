@@ -56,6 +56,7 @@ impl CustomOp2 for AttachGrad {
 
 /// `x·Wᵀ + b` for `x` `(tokens, in)` and a frozen `weight` `(out, in)`: the backward yields
 /// `dL/dx` only, and nothing weight-sized is computed or stored for `weight` or `bias`.
+/// f16/bf16 on CPU: accumulated in f32, bias included, and rounded once (torch's CPU result).
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -76,6 +77,13 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     }
     if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.map_or(true, cpu_f32) {
         return frozen_linear_cpu(x, &weight, bias);
+    }
+    if x.rank() == 2 && x.device().is_cpu() && super::half::is_half(weight.dtype()) {
+        // Accumulated in f32 with the bias and rounded once, as torch does on CPU.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let bias = bias.map(f32).transpose()?;
+        let y = frozen_linear_cpu(&f32(x)?, &f32(&weight)?, bias.as_ref())?;
+        return Ok(y.to_dtype(weight.dtype())?);
     }
     if !x.device().is_cpu() {
         return composed_linear(x, &weight, bias);

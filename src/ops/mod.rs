@@ -8,6 +8,7 @@ mod delta_weight;
 mod fourier_linear;
 mod frozen;
 pub mod gemm;
+pub(crate) mod half;
 mod spectral_linear;
 
 pub use delta_weight::{delta_weight, DeltaWeight};
