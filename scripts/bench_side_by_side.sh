@@ -12,12 +12,14 @@
 #                                             (checked with --dump-batches), FourierFT and LoRA
 #
 #   env: RUNS (3), N (1000), BATCHES ("64 1024"), THREADS (2),
+#        DEVICE (cpu; cuda needs FEATURES=cuda and torch with CUDA), DTYPE (f32; bf16, f16),
 #        PYTHON (.venv/bin/python with torch, transformers and peft),
 #        demo only: TRAIN (320 snippets = 10 steps), TEST (200), SEEDS (0), METHODS (fourierft,lora)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RUNS=${RUNS:-3} N=${N:-1000} THREADS=${THREADS:-2}
+DEVICE=${DEVICE:-cpu} DTYPE=${DTYPE:-f32} FEATURES=${FEATURES:-}
 BATCHES=${BATCHES:-"64 1024"}
 [ "$RUNS" -ge 3 ] || { echo "RUNS must be at least 3" >&2; exit 1; }
 "$PY" -c "import peft, torch" || { echo "needs $PY with torch and peft" >&2; exit 1; }
@@ -34,6 +36,9 @@ machine() {
     echo "machine: $model, $cores cores (nproc), caches as reported by sysfs: ${caches%, }"
     echo "flags: $(grep -m1 -o -w -E 'avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
+        echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+    fi
 }
 
 # Summarises "side run line value" records (stdin) as a markdown table.
@@ -119,11 +124,11 @@ EOF
 fi
 
 dims=("$@"); [ ${#dims[@]} -gt 0 ] || dims=(384 1024 4096)
-cargo build --release --example bench_layer -q
+cargo build --release ${FEATURES:+--features "$FEATURES"} --example bench_layer -q
 machine
 for d in "${dims[@]}"; do
     for b in $BATCHES; do
-        flags=(--dim "$d" --n "$N" --batch "$b" --threads "$THREADS")
+        flags=(--dim "$d" --n "$N" --batch "$b" --threads "$THREADS" --device "$DEVICE" --dtype "$DTYPE")
         : >"$out/records"
         for r in $(seq 1 "$RUNS"); do
             ours() { target/release/examples/bench_layer "${flags[@]}" | sed "s/^/ours $r /" >>"$out/records"; }
@@ -132,7 +137,7 @@ for d in "${dims[@]}"; do
             if [ $((r % 2)) -eq 1 ]; then ours; peft; else peft; ours; fi
         done
         echo
-        echo "### d=$d, n=$N, $b tokens, threads=$THREADS, $RUNS runs per side (load now $(cut -d' ' -f1 /proc/loadavg))"
+        echo "### d=$d, n=$N, $b tokens, $DEVICE $DTYPE, threads=$THREADS, $RUNS runs per side (load now $(cut -d' ' -f1 /proc/loadavg))"
         echo
         summarise <"$out/records"
         python3 -c '

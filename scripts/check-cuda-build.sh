@@ -24,5 +24,5 @@ CUDA=$(cd "$VENV"/lib/python3*/site-packages/nvidia/cu13 && pwd)
 export PATH="$CUDA/bin:$PATH" CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_HOME="$CUDA"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 nvcc --version | tail -1
-CARGO_TARGET_DIR=target/cuda-check cargo check --features cuda --lib "$@"
+CARGO_TARGET_DIR=target/cuda-check cargo check --features cuda,cli --all-targets "$@"
 echo "cuda build check: OK"

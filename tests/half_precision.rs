@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, Optimizer, ParamsAdamW};
 use fourierft::{ForwardMode, FourierFTConfig, FourierLinear, PeftAdapter};
 
@@ -17,8 +17,9 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_half")
 }
 
+/// A fixture file's tensors on the test device (`FOURIERFT_TEST_DEVICE`, default CPU).
 fn load(file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir().join(file), &Device::Cpu).expect(file)
+    candle_core::safetensors::load(dir().join(file), &common::test_device()).expect(file)
 }
 
 fn f64s(t: &Tensor) -> Vec<f64> {
@@ -94,13 +95,19 @@ fn bf16_adapter_contribution_is_at_least_as_close_as_peft() {
         layer.disable_adapters().unwrap();
         let y_base = layer.forward(x).unwrap();
         layer.enable_adapters();
-        assert_eq!(
-            f64s(&y_base),
-            f64s(&want[&format!("{name}.y_base")]),
-            "{name}: base output"
-        );
+        if y_base.device().is_cpu() {
+            // torch's CPU bf16 linear: f32 accumulation with the bias, one rounding.
+            assert_eq!(
+                f64s(&y_base),
+                f64s(&want[&format!("{name}.y_base")]),
+                "{name}: base output"
+            );
+        }
         let mut outcomes = vec![];
         for mode in [ForwardMode::Dense, ForwardMode::Spectral, ForwardMode::Auto] {
+            if mode == ForwardMode::Spectral && !x.device().is_cpu() {
+                continue; // CPU only (a typed error elsewhere)
+            }
             layer.set_forward_mode(mode);
             let y = layer.forward(x).unwrap();
             assert_eq!(y.dtype(), DType::BF16, "{name} {mode:?}");
@@ -172,7 +179,7 @@ fn bf16_merge_rounds_like_peft() {
 /// the base weight and inputs in `dtype`. Returns the f32 loss every 10 steps and, for the last
 /// batch, the loss of the exact target weight rounded to `dtype` (the best that dtype can do).
 fn quickstart_losses(dtype: DType) -> (Vec<f32>, f32) {
-    let dev = Device::Cpu;
+    let dev = common::test_device();
     let (d_out, d_in, batch, steps) = (64, 48, 32, 150);
     let data = |n: usize, seed: u64, shape: (usize, usize), scale: f64| {
         Tensor::from_vec(common::lcg_coeffs(n, seed), shape, &dev)

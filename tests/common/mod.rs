@@ -77,3 +77,19 @@ pub fn lcg_coeffs(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The device named by `FOURIERFT_TEST_DEVICE` (`cpu`, the default; `cuda`; `metal`), for the
+/// tests that run every numeric path on it (`scripts/gpu-check.sh` sets it). A device that cannot
+/// be opened fails the test: a GPU run never silently falls back to the CPU.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("FOURIERFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = match name.as_str() {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0),
+        "metal" => candle_core::Device::new_metal(0),
+        other => panic!("FOURIERFT_TEST_DEVICE={other}: expected cpu, cuda or metal"),
+    };
+    dev.unwrap_or_else(|e| {
+        panic!("FOURIERFT_TEST_DEVICE={name}: {e} (build with --features {name} on a machine with that device)")
+    })
+}
