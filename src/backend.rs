@@ -3,7 +3,7 @@
 //! load merged weights.
 
 use crate::error::{Error, Result};
-use crate::peft::{Orientation, PeftAdapter, StoredShape, KEY_PREFIX};
+use crate::peft::{Orientation, PeftAdapter, StoredShape};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -431,7 +431,7 @@ fn shape_error(
     shape: &Shape,
     stored: &Tensor,
 ) -> candle_core::Error {
-    let key = format!("{KEY_PREFIX}{path}.base_layer.weight");
+    let key = crate::peft::base_layer_key(path, "weight");
     Error::Shape {
         what: format!(
             "{} (stored base weight) for {name:?}",

@@ -80,6 +80,7 @@ pub mod ops;
 pub mod peft;
 pub mod runtime;
 pub mod spectral;
+mod sync;
 pub mod train;
 
 pub use backend::MergedBackend;

@@ -91,13 +91,14 @@ use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
 use crate::ops::DeltaWeight;
 use crate::peft::{ModuleMatcher, PeftAdapter};
 use crate::spectral::fft;
+use crate::sync::lock;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, Optimizer, VarBuilder};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A FourierFT adapter trained on an unmodified model: a [`VarBuilder`] backend serving adapted
 /// weights as [`Var`]s, plus the spectra, the gradient conversion and the weight refresh. See the
@@ -135,10 +136,6 @@ struct TrainedLayer {
     adapter: Adapter,
     /// The coefficients whose ΔW the weight holds (when merged).
     applied: Vec<f32>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A copy of an error recorded by the backend (the crate's errors are not `Clone`).

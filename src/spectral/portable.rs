@@ -64,7 +64,7 @@ impl PortableBasis {
         let cache = CACHE.get_or_init(Default::default);
         let loc = device.location();
         {
-            let mut slots = cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = crate::sync::lock(cache);
             slots.retain(|(w, _, _)| w.strong_count() > 0);
             if let Some((_, _, b)) = slots
                 .iter()
@@ -74,7 +74,7 @@ impl PortableBasis {
             }
         }
         let basis = Arc::new(Self::new(entries, device)?);
-        let mut slots = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = crate::sync::lock(cache);
         slots.push((Arc::downgrade(entries), loc, basis.clone()));
         Ok(basis)
     }
