@@ -90,12 +90,12 @@ use crate::error::{dims_str, Error, Result};
 use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
 use crate::ops::DeltaWeight;
 use crate::peft::{ModuleMatcher, PeftAdapter};
+use crate::serve::Serve;
 use crate::spectral::fft;
 use crate::sync::lock;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, Optimizer, VarBuilder};
+use candle_nn::{Optimizer, VarBuilder};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -240,17 +240,10 @@ impl StockTrainer {
     /// Module paths are the tensor names without `.weight` (e.g.
     /// `model.layers.0.self_attn.q_proj`), as in PEFT adapters of the same HF model.
     pub fn var_builder<'a>(&self, base: VarBuilder<'a>) -> VarBuilder<'a> {
-        let (dtype, device, prefix) = (base.dtype(), base.device().clone(), base.prefix());
-        let backend = TrainBackend {
-            base: base.root(),
+        crate::serve::var_builder(&base, |root| TrainBackend {
+            base: root,
             trainer: self.clone(),
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device);
-        if prefix.is_empty() {
-            vb
-        } else {
-            vb.set_prefix(prefix)
-        }
+        })
     }
 
     /// The adapter's name.
@@ -700,28 +693,19 @@ struct TrainBackend<'a> {
     trainer: StockTrainer,
 }
 
-impl SimpleBackend for TrainBackend<'_> {
-    fn get(
+impl Serve for TrainBackend<'_> {
+    fn base(&self) -> &VarBuilder<'_> {
+        &self.base
+    }
+
+    fn serve(
         &self,
-        s: Shape,
         name: &str,
-        h: Init,
+        _shape: Option<&Shape>,
         dtype: DType,
         dev: &Device,
+        load_base: &dyn Fn(DType) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let t = self
-            .base
-            .get_with_hints_dtype(s, name, h, dtype)?
-            .to_device(dev)?;
-        Ok(self.trainer.serve(name, t))
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.base.get_unchecked_dtype(name, dtype)?.to_device(dev)?;
-        Ok(self.trainer.serve(name, t))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.base.contains_tensor(name)
+        Ok(self.trainer.serve(name, load_base(dtype)?.to_device(dev)?))
     }
 }
