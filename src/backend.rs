@@ -4,9 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::peft::{Orientation, PeftAdapter, StoredShape};
-use crate::serve::{extra_tensor, Serve};
+use crate::serve::{extra_tensor, Request, Serve};
 use crate::sync::lock;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -321,15 +321,15 @@ impl Serve for Merging<'_> {
     }
 
     /// Serves `name` merged if it is an adapted weight, replaced if the adapter trained it in
-    /// full, else from the base; `load_base` fetches the base tensor (in f32 for merging).
-    fn serve(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-        load_base: &dyn Fn(DType) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    /// full, else from the base (read in f32 for merging).
+    fn serve(&self, req: Request) -> candle_core::Result<Tensor> {
+        let Request {
+            name,
+            shape,
+            dtype,
+            device: dev,
+            ..
+        } = req;
         let adapter = &self.adapter;
         if let Some(path) = self.merged.get(name) {
             let w0 = match adapter.stored_base_weight(path) {
@@ -339,7 +339,7 @@ impl Serve for Merging<'_> {
                     }
                     stored.to_dtype(DType::F32)?
                 }
-                None => load_base(DType::F32)?,
+                None => req.base(DType::F32)?,
             };
             let w = self
                 .merge(adapter, name, path, &w0)
@@ -351,7 +351,7 @@ impl Serve for Merging<'_> {
             self.mark(name);
             return t.to_dtype(dtype)?.to_device(dev);
         }
-        let t = load_base(dtype)?.to_device(dev)?;
+        let t = req.base(dtype)?.to_device(dev)?;
         lock(&self.requested).insert(name.to_string());
         if let Some(path) = self.unloaded_target(adapter, name) {
             lock(&self.unadapted).insert((name.to_string(), path.to_string()));

@@ -18,20 +18,29 @@ pub(crate) trait Serve: Send + Sync {
     /// The base, at its root.
     fn base(&self) -> &VarBuilder<'_>;
 
-    /// Tensor `name` (a full path) in `dtype` on `dev`; `shape` is the requested shape when the
-    /// model gave one; `load_base` reads the base tensor in a dtype.
-    fn serve(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-        load_base: &dyn Fn(DType) -> Result<Tensor>,
-    ) -> Result<Tensor>;
+    /// The tensor `req` asks for.
+    fn serve(&self, req: Request) -> Result<Tensor>;
 
     /// Whether this backend serves `name` although the base has no such tensor.
     fn adds(&self, _name: &str) -> bool {
         false
+    }
+}
+
+/// One request to a [`Serve`]: tensor `name` (a full path) in `dtype` on `device`, and the shape
+/// the model asked for, when it gave one.
+pub(crate) struct Request<'r> {
+    pub(crate) name: &'r str,
+    pub(crate) shape: Option<&'r Shape>,
+    pub(crate) dtype: DType,
+    pub(crate) device: &'r Device,
+    load_base: &'r dyn Fn(DType) -> Result<Tensor>,
+}
+
+impl Request<'_> {
+    /// The base's tensor of this name, in `dtype` (on the base's device).
+    pub(crate) fn base(&self, dtype: DType) -> Result<Tensor> {
+        (self.load_base)(dtype)
     }
 }
 
@@ -41,15 +50,23 @@ struct Served<S>(S);
 impl<S: Serve> SimpleBackend for Served<S> {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let base = self.0.base();
-        self.0.serve(name, Some(&s), dtype, dev, &|dt| {
-            base.get_with_hints_dtype(s.clone(), name, h, dt)
+        self.0.serve(Request {
+            name,
+            shape: Some(&s),
+            dtype,
+            device: dev,
+            load_base: &|dt| base.get_with_hints_dtype(s.clone(), name, h, dt),
         })
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let base = self.0.base();
-        self.0.serve(name, None, dtype, dev, &|dt| {
-            base.get_unchecked_dtype(name, dt)
+        self.0.serve(Request {
+            name,
+            shape: None,
+            dtype,
+            device: dev,
+            load_base: &|dt| base.get_unchecked_dtype(name, dt),
         })
     }
 

@@ -90,11 +90,11 @@ use crate::error::{dims_str, Error, Result};
 use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
 use crate::ops::DeltaWeight;
 use crate::peft::{ModuleMatcher, PeftAdapter};
-use crate::serve::Serve;
+use crate::serve::{Request, Serve};
 use crate::spectral::fft;
 use crate::sync::lock;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -698,14 +698,8 @@ impl Serve for TrainBackend<'_> {
         &self.base
     }
 
-    fn serve(
-        &self,
-        name: &str,
-        _shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-        load_base: &dyn Fn(DType) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        Ok(self.trainer.serve(name, load_base(dtype)?.to_device(dev)?))
+    fn serve(&self, req: Request) -> candle_core::Result<Tensor> {
+        let t = req.base(req.dtype)?.to_device(req.device)?;
+        Ok(self.trainer.serve(req.name, t))
     }
 }

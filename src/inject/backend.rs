@@ -4,9 +4,9 @@
 use super::channel;
 use super::trained::TrainedTensors;
 use crate::peft::PeftAdapter;
-use crate::serve::{extra_tensor, Serve};
+use crate::serve::{extra_tensor, Request, Serve};
 use crate::sync::lock;
-use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -49,31 +49,25 @@ impl Serve for ContextBackend<'_> {
         &self.base
     }
 
-    fn serve(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-        load_base: &dyn Fn(DType) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    fn serve(&self, req: Request) -> Result<Tensor> {
+        let name = req.name;
         if channel::is_key(name) {
             return channel::answer(self.id);
         }
         if self.trained.trains(name) {
-            let init = |dt: DType| match self.replacement(name, shape)? {
+            let init = |dt: DType| match self.replacement(name, req.shape)? {
                 Some(t) => t.to_dtype(dt),
-                None => load_base(dt),
+                None => req.base(dt),
             };
-            let var = self.trained.var(name, dtype, dev, init)?;
+            let var = self.trained.var(name, req.dtype, req.device, init)?;
             lock(&self.used).insert(name.to_string());
             return Ok(var.as_tensor().clone());
         }
-        if let Some(t) = self.replacement(name, shape)? {
+        if let Some(t) = self.replacement(name, req.shape)? {
             lock(&self.used).insert(name.to_string());
-            return t.to_dtype(dtype)?.to_device(dev);
+            return t.to_dtype(req.dtype)?.to_device(req.device);
         }
-        load_base(dtype)?.to_device(dev)
+        req.base(req.dtype)?.to_device(req.device)
     }
 
     fn adds(&self, name: &str) -> bool {

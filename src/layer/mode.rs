@@ -41,8 +41,10 @@ impl ForwardMode {
         bins as f64 * Self::fft_cost(d1) * 2.0 + rows as f64 * (Self::fft_cost(d2) + d2 as f64)
     }
 
-    /// The concrete mode for one adapter.
-    pub(super) fn resolve(self, entries: &SpectralEntries, tokens: usize, device: &Device) -> Self {
+    /// The concrete mode (`Dense` or `Spectral`) this one computes an adapter with `entries` for
+    /// `tokens` tokens on `device`: `Auto` decided by the cost model, the others as they are.
+    /// Public so that `examples/forward_crossover.rs` can hold the model against measurements.
+    pub fn resolve(self, entries: &SpectralEntries, tokens: usize, device: &Device) -> Self {
         match self {
             ForwardMode::Auto if !device.is_cpu() => ForwardMode::Dense,
             ForwardMode::Auto
