@@ -23,13 +23,40 @@ impl ForwardMode {
         0.5 * l * l.log2()
     }
 
-    /// Estimated cost of the spectral product for `tokens` tokens with these entries. The
-    /// per-token constant is the measured fixed overhead (copies, plan dispatch) at small d.
+    /// Estimated cost of the spectral product for `tokens` tokens with these entries: per token
+    /// a real FFT of the input row, an inverse one of the output row, one multiply-add per entry,
+    /// and [`ROW_PASSES`](Self::ROW_PASSES) passes over both rows.
     fn spectral_cost(entries: &SpectralEntries, tokens: usize) -> f64 {
         let (d1, d2) = entries.shape();
-        let per_token = Self::fft_cost(d1) + Self::fft_cost(d2) + entries.len() as f64 + 2000.0;
+        let rows = Self::ROW_PASSES * (d1 + d2) as f64;
+        let per_token = Self::fft_cost(d1) + Self::fft_cost(d2) + entries.len() as f64 + rows;
         tokens as f64 * per_token
     }
+
+    /// The spectral product's per-token work besides the FFT arithmetic, in passes over the
+    /// input and output rows (copying a row in and out of the FFT buffers, packing the half
+    /// spectra, adding into the output): memory traffic that grows with d, which the FFT
+    /// operation counts leave out.
+    ///
+    /// Measured, not tuned: `cargo run --release --example forward_crossover -- --threads 2`
+    /// times the unmerged forward of a d×d layer (n = 1000) in both modes at 1, 2, 4, … tokens.
+    /// Where Dense first gets at least as fast at `T` tokens, the crossover lies in `(T/2, T]`,
+    /// and setting `spectral_cost(T*) = dense_cost` bounds the per-token overhead. On a 2-core
+    /// AMD EPYC (Zen 3) under a load of 6 (other builds), 2 threads, four runs per size up to
+    /// d = 1024 (two more with 1 thread agreed), one at d = 2048:
+    ///
+    /// | d | Dense first as fast at | overhead the crossover allows | 8·(d1 + d2) |
+    /// |---:|---:|---:|---:|
+    /// | 64 | 16–32 tokens | ≤ 1,256 | 1,024 |
+    /// | 256 | 64 | 3,660 – 10,368 | 4,096 |
+    /// | 1024 | 512–1024 | ≤ 21,592 | 16,384 |
+    /// | 2048 | 1024 | 7,100 – 37,800 | 32,768 |
+    ///
+    /// No constant fits both d = 64 and d = 256 (the former 2,000 picked Dense a power of two
+    /// too early at d = 64 and too late at 256 and 2048); an overhead proportional to
+    /// `d1 + d2` fits every size for a factor between 7.2 and 9.8. The crossover is flat (both
+    /// modes cost about the same there), so a factor of two either way costs little.
+    const ROW_PASSES: f64 = 8.0;
 
     /// Estimated cost of materialising ΔW with these entries (and adding it to the weight): one
     /// complex transform of length d1 per half-spectrum bin the entries reach, one real transform
