@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// A [`SimpleBackend`] over a base [`VarBuilder`] that merges a [`PeftAdapter`] at load time.
+/// A [`SimpleBackend`](candle_nn::var_builder::SimpleBackend) over a base [`VarBuilder`] that merges a [`PeftAdapter`] at load time.
 ///
 /// For module `<path>` of the adapter, a request for `<prefix><path>.weight` returns
 /// `W0 + ΔW` (computed in f32 from the base weight, then cast to the requested dtype; `(in, out)`

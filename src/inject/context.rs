@@ -127,8 +127,8 @@ impl AdapterContext {
         })
     }
 
-    /// The context carried by `vb`, if it was made by [`var_builder`](Self::var_builder) (see
-    /// the [`channel`] for how).
+    /// The context carried by `vb`, if it was made by [`var_builder`](Self::var_builder)
+    /// (`inject/channel.rs` says how).
     pub fn from_var_builder(vb: &VarBuilder) -> Option<Self> {
         channel::find(vb).map(|inner| Self { inner })
     }

@@ -194,7 +194,7 @@ impl Module for FourierLinear {
 }
 
 /// The bias split by whether it trains: a frozen bias is fused into the frozen/adapted ops
-/// (which give it no gradient), a trained one (a [`Var`], e.g. with PEFT's `bias = "all"`) is
+/// (which give it no gradient), a trained one (a [`Var`](candle_core::Var), e.g. with PEFT's `bias = "all"`) is
 /// added afterwards so that it gets its gradient.
 fn split_bias(st: &State) -> (Option<&Tensor>, Option<&Tensor>) {
     match &st.bias {

@@ -12,8 +12,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 /// A linear layer `y = x·W0ᵀ + b` whose weight W0 (and bias) stay frozen, plus FourierFT adapters:
 /// `y = x·(W0 + Σ_active ΔW_a)ᵀ + b`, with `ΔW_a = alpha_a/(d1·d2)·Re(IDFT2(E_a∘c_a))`.
 ///
-/// Only the adapters' spectra are [`Var`]s ([`FourierLinear::trainable_vars`]); W0 is detached
-/// and never changed by training. Like a [`Var`], a `FourierLinear` is a handle: clones share the
+/// Only the adapters' spectra are [`Var`](candle_core::Var)s ([`FourierLinear::trainable_vars`]); W0 is detached
+/// and never changed by training. Like a [`Var`](candle_core::Var), a `FourierLinear` is a handle: clones share the
 /// same weight and adapters, so a model-level helper can merge the layers a model owns. [`merge`](FourierLinear::merge) folds the active adapters into
 /// the weight for inference; [`unmerge`](FourierLinear::unmerge) takes them out again.
 ///

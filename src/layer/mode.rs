@@ -4,7 +4,7 @@ use super::adapter::Adapter;
 use crate::entries::SpectralEntries;
 use candle_core::Device;
 
-/// How [`FourierLinear`]'s unmerged forward computes the adapters' contribution.
+/// How [`FourierLinear`](super::FourierLinear)'s unmerged forward computes the adapters' contribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ForwardMode {
     /// Materialise ΔW (pruned real FFT on CPU, tensor ops on GPU) and multiply by `W0 + ΔW`.
