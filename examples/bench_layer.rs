@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, Optimizer, ParamsAdamW};
 use clap::Parser;
 use fourierft::{FourierFTConfig, FourierLinear};
-use std::time::Instant;
+use timing::median_ms;
+
+mod timing;
 
 #[derive(Parser)]
 struct Args {
@@ -31,18 +33,6 @@ struct Args {
     runs: usize,
 }
 
-fn median_ms<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?; // warm-up
-    let mut t: Vec<f64> = (0..runs.max(7))
-        .map(|_| {
-            let start = Instant::now();
-            f().map(|_| start.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
-}
-
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -58,17 +48,7 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(t) = args.threads {
-        // candle's CPU kernels read RAYON_NUM_THREADS; the FFTs use rayon's global pool.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()?;
-    }
-    // The crate's CPU training settings (docs/PERFORMANCE.md): candle's elementwise ops on the
-    // calling thread, freed buffers reused, subnormals flushed. FOURIERFT_SUBNORMALS=ieee,
-    // FOURIERFT_MALLOC=default and CANDLE_NUM_THREADS=N undo each one.
-    fourierft::runtime::init_cpu_training();
+    timing::init_cpu(args.threads)?;
     let (d, dev) = (args.dim, Device::Cpu);
     let base = Linear::new(Tensor::randn(0f32, 0.02, (d, d), &dev)?, None);
     let cfg = FourierFTConfig {
@@ -81,21 +61,21 @@ fn main() -> Result<()> {
     let x = Tensor::randn(0f32, 1.0, (args.batch, d), &dev)?;
     let target = Tensor::randn(0f32, 1.0, (args.batch, d), &dev)?;
 
-    let delta = median_ms(args.runs, || Ok(adapter.delta_weight()?))?;
-    let forward = median_ms(args.runs, || Ok(layer.forward(&x)?))?;
-    let base_only = median_ms(args.runs, || Ok(base.forward(&x)?))?;
+    let delta = median_ms(args.runs, 7, || Ok(adapter.delta_weight()?))?;
+    let forward = median_ms(args.runs, 7, || Ok(layer.forward(&x)?))?;
+    let base_only = median_ms(args.runs, 7, || Ok(base.forward(&x)?))?;
     let params = ParamsAdamW {
         lr: 1e-3,
         weight_decay: 0.0,
         ..Default::default()
     };
     let mut opt = candle_nn::AdamW::new(layer.trainable_vars(), params)?;
-    let train = median_ms(args.runs, || {
+    let train = median_ms(args.runs, 7, || {
         let loss = (layer.forward(&x)? - &target)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
         Ok(())
     })?;
-    let merge = median_ms(args.runs, || {
+    let merge = median_ms(args.runs, 7, || {
         layer.merge()?;
         layer.unmerge()?;
         Ok(())

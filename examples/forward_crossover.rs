@@ -12,7 +12,9 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
 use clap::Parser;
 use fourierft::{ForwardMode, FourierFTConfig, FourierLinear};
-use std::time::Instant;
+use timing::median_ms;
+
+mod timing;
 
 #[derive(Parser)]
 struct Args {
@@ -33,27 +35,9 @@ struct Args {
     runs: usize,
 }
 
-fn median_ms(runs: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    f()?; // warm-up
-    let mut t: Vec<f64> = (0..runs.max(5))
-        .map(|_| {
-            let start = Instant::now();
-            f().map(|_| start.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(t) = args.threads {
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()?;
-    }
-    fourierft::runtime::init_cpu_training();
+    timing::init_cpu(args.threads)?;
     let dev = Device::Cpu;
     println!("d n tokens dense_ms spectral_ms auto_picks");
     for &d in &args.dims {
@@ -73,9 +57,9 @@ fn main() -> Result<()> {
         while tokens <= args.max_tokens {
             let x = Tensor::randn(0f32, 1.0, (tokens, d), &dev)?;
             layer.set_forward_mode(ForwardMode::Dense);
-            let dense = median_ms(args.runs, || Ok(layer.forward(&x)?))?;
+            let dense = median_ms(args.runs, 5, || Ok(layer.forward(&x)?))?;
             layer.set_forward_mode(ForwardMode::Spectral);
-            let spectral = median_ms(args.runs, || Ok(layer.forward(&x)?))?;
+            let spectral = median_ms(args.runs, 5, || Ok(layer.forward(&x)?))?;
             let pick = ForwardMode::Auto.resolve(&entries, tokens, &dev);
             println!("{d} {n} {tokens} {dense:.4} {spectral:.4} {pick:?}");
             if measured.is_none() && spectral >= dense {
