@@ -54,8 +54,15 @@ impl ForwardMode {
     ///
     /// No constant fits both d = 64 and d = 256 (the former 2,000 picked Dense a power of two
     /// too early at d = 64 and too late at 256 and 2048); an overhead proportional to
-    /// `d1 + d2` fits every size for a factor between 7.2 and 9.8. The crossover is flat (both
-    /// modes cost about the same there), so a factor of two either way costs little.
+    /// `d1 + d2` fits every size for a factor between 7.2 and 9.8. With 8, the model switches at
+    /// 16, 64, 512 and 1024 tokens, where the measurements do (rerun after the change).
+    ///
+    /// Fitted at n = 1000 (PEFT's default `n_frequency`). Elsewhere the model is rougher: at
+    /// n = 100 the crossover is flat (d = 256: the modes stay within 35% of each other from 64 to
+    /// 256 tokens, and repeated runs put the switch anywhere from 64 to 512 tokens) and at
+    /// n = 4000, d = 256 Dense is already faster at 32 tokens where the model still picks
+    /// Spectral (20% slower there). A wrong pick near the crossover costs little because both
+    /// modes cost about the same there; the per-entry term is the part to refine next.
     const ROW_PASSES: f64 = 8.0;
 
     /// Estimated cost of materialising ΔW with these entries (and adding it to the weight): one
