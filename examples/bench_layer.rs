@@ -14,7 +14,9 @@ use candle_nn::{Linear, Optimizer, ParamsAdamW};
 use clap::Parser;
 use fourierft::{FourierFTConfig, FourierLinear};
 use rand::{Rng, SeedableRng};
-use std::time::Instant;
+use timing::median_ms;
+
+mod timing;
 
 #[derive(Parser)]
 struct Args {
@@ -41,21 +43,6 @@ struct Args {
     dtype: String,
 }
 
-fn median_ms<T>(dev: &Device, runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?; // warm-up
-    dev.synchronize()?;
-    let mut t: Vec<f64> = (0..runs.max(7))
-        .map(|_| {
-            let start = Instant::now();
-            f()?;
-            dev.synchronize()?;
-            Ok(start.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
-}
-
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -71,17 +58,7 @@ fn peak_rss_mb() -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(t) = args.threads {
-        // candle's CPU kernels read RAYON_NUM_THREADS; the FFTs use rayon's global pool.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()?;
-    }
-    // The crate's CPU training settings (docs/PERFORMANCE.md): candle's elementwise ops on the
-    // calling thread, freed buffers reused, subnormals flushed. FOURIERFT_SUBNORMALS=ieee,
-    // FOURIERFT_MALLOC=default and CANDLE_NUM_THREADS=N undo each one.
-    fourierft::runtime::init_cpu_training();
+    timing::init_cpu(args.threads)?;
     let dev = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,
@@ -113,16 +90,16 @@ fn main() -> Result<()> {
     let x = randn(args.batch, 1.0)?;
     let target = randn(args.batch, 1.0)?;
 
-    let delta = median_ms(&dev, args.runs, || Ok(adapter.delta_weight()?))?;
-    let forward = median_ms(&dev, args.runs, || Ok(layer.forward(&x)?))?;
-    let base_only = median_ms(&dev, args.runs, || Ok(base.forward(&x)?))?;
+    let delta = median_ms(&dev, args.runs, 7, || Ok(adapter.delta_weight()?))?;
+    let forward = median_ms(&dev, args.runs, 7, || Ok(layer.forward(&x)?))?;
+    let base_only = median_ms(&dev, args.runs, 7, || Ok(base.forward(&x)?))?;
     let params = ParamsAdamW {
         lr: 1e-3,
         weight_decay: 0.0,
         ..Default::default()
     };
     let mut opt = candle_nn::AdamW::new(layer.trainable_vars(), params)?;
-    let train = median_ms(&dev, args.runs, || {
+    let train = median_ms(&dev, args.runs, 7, || {
         let loss = (layer.forward(&x)? - &target)?
             .to_dtype(DType::F32)?
             .sqr()?
@@ -130,12 +107,15 @@ fn main() -> Result<()> {
         opt.backward_step(&loss)?;
         Ok(())
     })?;
-    let merge = median_ms(&dev, args.runs, || {
+    let merge = median_ms(&dev, args.runs, 7, || {
         layer.merge()?;
         layer.unmerge()?;
         Ok(())
     })? / 2.0;
-    anyhow::ensure!(layer.weight().dtype() == dtype, "merge changed the weight's dtype");
+    anyhow::ensure!(
+        layer.weight().dtype() == dtype,
+        "merge changed the weight's dtype"
+    );
 
     println!("delta_weight_ms {delta:.3}");
     println!("forward_ms {forward:.3}");

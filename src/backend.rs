@@ -3,14 +3,15 @@
 //! load merged weights.
 
 use crate::error::{Error, Result};
-use crate::peft::{Orientation, PeftAdapter, StoredShape, KEY_PREFIX};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use crate::peft::{Orientation, PeftAdapter, StoredShape};
+use crate::serve::{extra_tensor, Request, Serve};
+use crate::sync::lock;
+use candle_core::{DType, Shape, Tensor};
+use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// A [`SimpleBackend`] over a base [`VarBuilder`] that merges a [`PeftAdapter`] at load time.
+/// A [`SimpleBackend`](candle_nn::var_builder::SimpleBackend) over a base [`VarBuilder`] that merges a [`PeftAdapter`] at load time.
 ///
 /// For module `<path>` of the adapter, a request for `<prefix><path>.weight` returns
 /// `W0 + ΔW` (computed in f32 from the base weight, then cast to the requested dtype; `(in, out)`
@@ -37,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 /// ```
 #[derive(Clone)]
 pub struct MergedBackend<'a> {
-    inner: AdapterBackend<'a>,
+    inner: Merging<'a>,
 }
 
 impl<'a> MergedBackend<'a> {
@@ -55,7 +56,7 @@ impl<'a> MergedBackend<'a> {
             .map(|p| (format!("{prefix}{p}.weight"), p.clone()))
             .collect();
         Self {
-            inner: AdapterBackend::new(base, Some(Arc::new(adapter)), prefix, merged, None),
+            inner: Merging::new(base, Arc::new(adapter), prefix, merged),
         }
     }
 
@@ -84,7 +85,12 @@ impl<'a> MergedBackend<'a> {
 
     /// A [`VarBuilder`] over this backend, with the base's dtype, device and prefix.
     pub fn var_builder(&self) -> VarBuilder<'a> {
-        self.inner.clone().into_var_builder()
+        let inner = self.inner.clone();
+        let base = inner.base.clone();
+        crate::serve::var_builder(&base, |root| Merging {
+            base: root,
+            ..inner
+        })
     }
 
     /// Builds a model through this backend and checks it ([`check_all_used`](Self::check_all_used))
@@ -129,12 +135,13 @@ impl<'a> MergedBackend<'a> {
     }
 }
 
-/// The backend shared by [`MergedBackend`] and [`crate::inject::AdapterContext`].
+/// What [`MergedBackend`] serves, and what it records for [`MergedBackend::check_all_used`].
 #[derive(Clone)]
-pub(crate) struct AdapterBackend<'a> {
+struct Merging<'a> {
+    /// The base (at its root once wrapped into a `VarBuilder`).
     base: VarBuilder<'a>,
     prefix: String,
-    adapter: Option<Arc<PeftAdapter>>,
+    adapter: Arc<PeftAdapter>,
     /// Base weight name → module path, for weights served merged.
     merged: HashMap<String, String>,
     /// Base tensor name → name of the adapter's extra tensor.
@@ -145,30 +152,22 @@ pub(crate) struct AdapterBackend<'a> {
     /// Weights of targeted modules without a spectrum that were served unmerged, with their
     /// module paths.
     unadapted: Arc<Mutex<BTreeSet<(String, String)>>>,
-    /// A context id answered to [`CONTEXT_KEY`] requests.
-    context: Option<u32>,
     /// How adapted weights' layouts are decided.
     orientation: Arc<Orientation>,
     /// Stored shapes of every adapted module, read once when a layout needs them.
     shapes: Arc<OnceLock<BTreeMap<String, StoredShape>>>,
-    /// Tensors trained in full (a context's `modules_to_save` and biases), served as `Var`s.
-    trained: Option<Arc<crate::inject::TrainedTensors>>,
 }
 
-/// The tensor name under which a context backend answers its context id.
-pub(crate) const CONTEXT_KEY: &str = "__fourierft_adapter_context__";
-
-impl<'a> AdapterBackend<'a> {
-    pub(crate) fn new(
+impl<'a> Merging<'a> {
+    fn new(
         base: VarBuilder<'a>,
-        adapter: Option<Arc<PeftAdapter>>,
+        adapter: Arc<PeftAdapter>,
         prefix: &str,
         merged: HashMap<String, String>,
-        context: Option<u32>,
     ) -> Self {
         let extras = adapter
-            .iter()
-            .flat_map(|a| a.extra_tensors().keys())
+            .extra_tensors()
+            .keys()
             .map(|k| (format!("{prefix}{k}"), k.clone()))
             .collect();
         Self {
@@ -180,48 +179,12 @@ impl<'a> AdapterBackend<'a> {
             used: Arc::default(),
             unadapted: Arc::default(),
             requested: Arc::default(),
-            context,
             orientation: Arc::default(),
             shapes: Arc::default(),
-            trained: None,
         }
     }
 
-    /// Serves the tensors `trained` decides to train in full as its `Var`s.
-    pub(crate) fn with_trained(self, trained: Arc<crate::inject::TrainedTensors>) -> Self {
-        Self {
-            trained: Some(trained),
-            ..self
-        }
-    }
-
-    /// Records served names in `used` (shared with other backends) instead of a fresh set.
-    pub(crate) fn with_used(self, used: Arc<Mutex<BTreeSet<String>>>) -> Self {
-        Self { used, ..self }
-    }
-
-    pub(crate) fn into_var_builder(self) -> VarBuilder<'a> {
-        let (dtype, device, prefix) = (
-            self.base.dtype(),
-            self.base.device().clone(),
-            self.base.prefix(),
-        );
-        let vb = VarBuilder::from_backend(
-            Box::new(Self {
-                base: self.base.root(),
-                ..self
-            }),
-            dtype,
-            device,
-        );
-        if prefix.is_empty() {
-            vb
-        } else {
-            vb.set_prefix(prefix)
-        }
-    }
-
-    pub(crate) fn check_all_used(&self) -> Result<()> {
+    fn check_all_used(&self) -> Result<()> {
         let used = lock(&self.used);
         let unused = |names: &HashMap<String, String>| -> Vec<String> {
             let mut v: Vec<String> = names
@@ -235,8 +198,7 @@ impl<'a> AdapterBackend<'a> {
         let (weights, extras) = (unused(&self.merged), unused(&self.extras));
         let source = self
             .adapter
-            .as_ref()
-            .and_then(|a| a.source())
+            .source()
             .map_or("the adapter".to_string(), |p| p.display().to_string());
         if let Some(first) = weights.first() {
             let requested = lock(&self.requested);
@@ -269,12 +231,12 @@ impl<'a> AdapterBackend<'a> {
         }
         drop(used);
         let unadapted = lock(&self.unadapted);
-        match (unadapted.iter().next(), &self.adapter) {
-            (Some((name, path)), Some(adapter)) => {
+        match unadapted.iter().next() {
+            Some((name, path)) => {
                 let context = format!(" (weight {name:?} was loaded without it, unmerged)");
-                Err(adapter.missing_spectrum(path, &context))
+                Err(self.adapter.missing_spectrum(path, &context))
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -330,70 +292,45 @@ impl<'a> AdapterBackend<'a> {
     }
 
     /// The module path of `name` if it is the weight of a module the configuration targets but
-    /// the adapter has no spectrum for (only for merged backends: a context adapts such layers
-    /// itself and reports a missing spectrum there). Such a weight is served unmerged and
+    /// the adapter has no spectrum for. Such a weight is served unmerged and
     /// reported by [`check_all_used`](Self::check_all_used).
     fn unloaded_target<'n>(&self, adapter: &PeftAdapter, name: &'n str) -> Option<&'n str> {
-        if self.context.is_some() || self.merged.contains_key(name) {
+        if self.merged.contains_key(name) {
             return None;
         }
         let path = name.strip_prefix(&self.prefix)?.strip_suffix(".weight")?;
         (adapter.matcher().is_target(path) && adapter.spectrum(path).is_none()).then_some(path)
     }
 
-    /// The adapter's extra tensor replacing base tensor `name`, checked against the requested
-    /// shape.
+    /// The adapter's extra tensor replacing base tensor `name`, if it has one.
     fn replacement(
         &self,
         name: &str,
         shape: Option<&Shape>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let (Some(adapter), Some(extra)) = (&self.adapter, self.extras.get(name)) else {
-            return Ok(None);
-        };
-        let t = adapter
-            .extra_tensors()
-            .get(extra)
-            .ok_or_else(|| candle_core::Error::msg(format!("missing extra tensor {extra}")))?;
-        if let Some(shape) = shape.filter(|s| s.dims() != t.dims()) {
-            return Err(Error::Shape {
-                what: format!("{} replacing {name:?}", adapter.describe(extra)),
-                expected: format!("{:?}", shape.dims()),
-                found: format!("{:?}", t.dims()),
-            }
-            .into_candle());
+        match self.extras.get(name) {
+            Some(extra) => Ok(Some(extra_tensor(&self.adapter, extra, name, shape)?)),
+            None => Ok(None),
         }
-        Ok(Some(t.clone()))
+    }
+}
+
+impl Serve for Merging<'_> {
+    fn base(&self) -> &VarBuilder<'_> {
+        &self.base
     }
 
-    /// Serves `name` from the adapter if it is adapted or replaced; `load_base` fetches the base
-    /// tensor (in f32 for merging).
-    fn serve(
-        &self,
-        name: &str,
-        shape: Option<&Shape>,
-        dtype: DType,
-        dev: &Device,
-        load_base: impl Fn(DType) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        if let Some(id) = self.context.filter(|_| is_context_key(name)) {
-            return Tensor::new(id, &Device::Cpu);
-        }
-        if let Some(trained) = self.trained.as_ref().filter(|t| t.trains(name)) {
-            let init = |dt: DType| -> candle_core::Result<Tensor> {
-                match self.replacement(name, shape)? {
-                    Some(t) => t.to_dtype(dt),
-                    None => load_base(dt),
-                }
-            };
-            let var = trained.var(name, dtype, dev, init)?;
-            self.mark(name);
-            return Ok(var.as_tensor().clone());
-        }
-        let adapter = match &self.adapter {
-            Some(a) => a,
-            None => return load_base(dtype)?.to_device(dev),
-        };
+    /// Serves `name` merged if it is an adapted weight, replaced if the adapter trained it in
+    /// full, else from the base (read in f32 for merging).
+    fn serve(&self, req: Request) -> candle_core::Result<Tensor> {
+        let Request {
+            name,
+            shape,
+            dtype,
+            device: dev,
+            ..
+        } = req;
+        let adapter = &self.adapter;
         if let Some(path) = self.merged.get(name) {
             let w0 = match adapter.stored_base_weight(path) {
                 Some(stored) => {
@@ -402,7 +339,7 @@ impl<'a> AdapterBackend<'a> {
                     }
                     stored.to_dtype(DType::F32)?
                 }
-                None => load_base(DType::F32)?,
+                None => req.base(DType::F32)?,
             };
             let w = self
                 .merge(adapter, name, path, &w0)
@@ -414,12 +351,16 @@ impl<'a> AdapterBackend<'a> {
             self.mark(name);
             return t.to_dtype(dtype)?.to_device(dev);
         }
-        let t = load_base(dtype)?.to_device(dev)?;
+        let t = req.base(dtype)?.to_device(dev)?;
         lock(&self.requested).insert(name.to_string());
         if let Some(path) = self.unloaded_target(adapter, name) {
             lock(&self.unadapted).insert((name.to_string(), path.to_string()));
         }
         Ok(t)
+    }
+
+    fn adds(&self, name: &str) -> bool {
+        self.extras.contains_key(name)
     }
 }
 
@@ -431,7 +372,7 @@ fn shape_error(
     shape: &Shape,
     stored: &Tensor,
 ) -> candle_core::Error {
-    let key = format!("{KEY_PREFIX}{path}.base_layer.weight");
+    let key = crate::peft::base_layer_key(path, "weight");
     Error::Shape {
         what: format!(
             "{} (stored base weight) for {name:?}",
@@ -441,41 +382,4 @@ fn shape_error(
         found: format!("{:?}", stored.dims()),
     }
     .into_candle()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Whether `name` (a full path) asks for the context id.
-fn is_context_key(name: &str) -> bool {
-    name.strip_suffix(CONTEXT_KEY)
-        .is_some_and(|head| head.is_empty() || head.ends_with('.'))
-}
-
-impl SimpleBackend for AdapterBackend<'_> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.serve(name, Some(&s), dtype, dev, |dt| {
-            self.base.get_with_hints_dtype(s.clone(), name, h, dt)
-        })
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.serve(name, None, dtype, dev, |dt| {
-            self.base.get_unchecked_dtype(name, dt)
-        })
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        (self.context.is_some() && is_context_key(name))
-            || self.extras.contains_key(name)
-            || self.base.contains_tensor(name)
-    }
 }

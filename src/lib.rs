@@ -79,7 +79,9 @@ pub mod layer;
 pub mod ops;
 pub mod peft;
 pub mod runtime;
+mod serve;
 pub mod spectral;
+mod sync;
 pub mod train;
 
 pub use backend::MergedBackend;

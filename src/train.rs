@@ -90,14 +90,15 @@ use crate::error::{dims_str, Error, Result};
 use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
 use crate::ops::DeltaWeight;
 use crate::peft::{ModuleMatcher, PeftAdapter};
+use crate::serve::{Request, Serve};
 use crate::spectral::fft;
+use crate::sync::lock;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, Optimizer, VarBuilder};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A FourierFT adapter trained on an unmodified model: a [`VarBuilder`] backend serving adapted
 /// weights as [`Var`]s, plus the spectra, the gradient conversion and the weight refresh. See the
@@ -135,10 +136,6 @@ struct TrainedLayer {
     adapter: Adapter,
     /// The coefficients whose ΔW the weight holds (when merged).
     applied: Vec<f32>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A copy of an error recorded by the backend (the crate's errors are not `Clone`).
@@ -243,17 +240,10 @@ impl StockTrainer {
     /// Module paths are the tensor names without `.weight` (e.g.
     /// `model.layers.0.self_attn.q_proj`), as in PEFT adapters of the same HF model.
     pub fn var_builder<'a>(&self, base: VarBuilder<'a>) -> VarBuilder<'a> {
-        let (dtype, device, prefix) = (base.dtype(), base.device().clone(), base.prefix());
-        let backend = TrainBackend {
-            base: base.root(),
+        crate::serve::var_builder(&base, |root| TrainBackend {
+            base: root,
             trainer: self.clone(),
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device);
-        if prefix.is_empty() {
-            vb
-        } else {
-            vb.set_prefix(prefix)
-        }
+        })
     }
 
     /// The adapter's name.
@@ -703,28 +693,13 @@ struct TrainBackend<'a> {
     trainer: StockTrainer,
 }
 
-impl SimpleBackend for TrainBackend<'_> {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self
-            .base
-            .get_with_hints_dtype(s, name, h, dtype)?
-            .to_device(dev)?;
-        Ok(self.trainer.serve(name, t))
+impl Serve for TrainBackend<'_> {
+    fn base(&self) -> &VarBuilder<'_> {
+        &self.base
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.base.get_unchecked_dtype(name, dtype)?.to_device(dev)?;
-        Ok(self.trainer.serve(name, t))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.base.contains_tensor(name)
+    fn serve(&self, req: Request) -> candle_core::Result<Tensor> {
+        let t = req.base(req.dtype)?.to_device(req.device)?;
+        Ok(self.trainer.serve(req.name, t))
     }
 }

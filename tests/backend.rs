@@ -1,5 +1,8 @@
 //! `MergedBackend`: merged weights for an unmodified candle-transformers model (a tiny BERT).
 
+mod common;
+
+use common::max_diff;
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
@@ -58,10 +61,6 @@ fn adapter() -> anyhow::Result<PeftAdapter> {
 fn run(model: &BertModel) -> anyhow::Result<Tensor> {
     let ids = Tensor::new(&[[3u32, 9, 14, 2, 27, 5], [1, 2, 3, 4, 5, 6]], &Device::Cpu)?;
     Ok(model.forward(&ids, &ids.zeros_like()?, None)?)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 #[test]

@@ -7,6 +7,9 @@
 //! configuration values, missing and extra keys, unmatched targets and partial writes, mostly
 //! through the in-memory entry points the fuzz targets use.
 
+mod common;
+
+use common::{fixture, split_prefixed};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -24,12 +27,6 @@ const MEM_WEIGHTS: &str = "<adapter_model.safetensors>";
 const MEM_BASE: &str = "<base safetensors>";
 const FC1: &str = "base_model.model.fc1.fourierft_spectrum";
 const FC2: &str = "base_model.model.fc2.fourierft_spectrum";
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
 
 fn read(rel: &str) -> Vec<u8> {
     std::fs::read(fixture(rel)).expect("fixture")
@@ -837,14 +834,6 @@ fn failed_writes_leave_nothing_half_written() -> anyhow::Result<()> {
     assert_eq!(names(&target)?, vec![WEIGHTS_FILE.to_string()]);
     assert!(!target.join(CONFIG_FILE).exists());
     Ok(())
-}
-
-/// Splits off a part prefixed by its u32 LE length: the fuzz targets' input format
-/// (`fuzz/src/lib.rs`).
-fn split_prefixed(data: &[u8]) -> Option<(&[u8], &[u8])> {
-    let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
-    let rest = &data[4..];
-    (len <= rest.len()).then(|| rest.split_at(len))
 }
 
 /// The fuzz seeds (real PEFT files) load and merge; inputs kept in `fuzz/regressions/<target>/`

@@ -1,6 +1,8 @@
 //! The `fourierft` binary (feature `cli`): merge against PEFT's `merge_and_unload`, inspect, and
 //! every bad input: one line on stderr naming the file/tensor, exit code 2, no output file.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 const BIN: &str = env!("CARGO_BIN_EXE_fourierft");
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_roundtrip")
+    common::fixture("peft_roundtrip")
 }
 
 /// A scratch copy of the PEFT fixture: `base.safetensors` and `adapter/`.

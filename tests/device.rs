@@ -12,7 +12,16 @@ use fourierft::ops::DeltaWeight;
 use fourierft::{ForwardMode, FourierFTConfig, FourierLinear, SpectralEntries};
 
 /// Odd, even, prime, non-square and 1×N shapes.
-const SHAPES: &[(usize, usize)] = &[(1, 9), (9, 1), (2, 2), (5, 8), (8, 5), (13, 17), (16, 16), (31, 64)];
+const SHAPES: &[(usize, usize)] = &[
+    (1, 9),
+    (9, 1),
+    (2, 2),
+    (5, 8),
+    (8, 5),
+    (13, 17),
+    (16, 16),
+    (31, 64),
+];
 
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
@@ -30,11 +39,14 @@ fn assert_near(found: &[f64], want: &[f64], rel: f64, what: &str) {
         .zip(want)
         .map(|(f, w)| (f - w).abs())
         .fold(0.0, f64::max);
-    assert!(worst <= rel * scale, "{what}: max error {worst:e} > {rel:e} × {scale:e}");
+    assert!(
+        worst <= rel * scale,
+        "{what}: max error {worst:e} > {rel:e} × {scale:e}"
+    );
 }
 
 fn n_for(d1: usize, d2: usize) -> usize {
-    (d1 * d2).min(40).max(1)
+    (d1 * d2).clamp(1, 40)
 }
 
 /// `dL/dc_l = alpha/(d1·d2) · Σ_jk R[j,k] · cos(2π(u_l j/d1 + v_l k/d2))` for `L = Σ ΔW ∘ R`.
@@ -90,7 +102,10 @@ fn layer_forward_gradient_and_merge_on_the_device() -> anyhow::Result<()> {
             let on = |v: Vec<f32>, shape: &[usize]| -> anyhow::Result<Tensor> {
                 Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)?)
             };
-            let w0 = on(lcg_coeffs(d1 * d2, 11).iter().map(|x| x * 0.1).collect(), &[d1, d2])?;
+            let w0 = on(
+                lcg_coeffs(d1 * d2, 11).iter().map(|x| x * 0.1).collect(),
+                &[d1, d2],
+            )?;
             let b = on(lcg_coeffs(d1, 12), &[d1])?;
             let x = on(lcg_coeffs(3 * d2, 13), &[3, d2])?;
             let config = FourierFTConfig {
@@ -103,7 +118,10 @@ fn layer_forward_gradient_and_merge_on_the_device() -> anyhow::Result<()> {
             let layer = FourierLinear::new(Linear::new(w0.clone(), Some(b.clone())), &config)?;
             layer.set_forward_mode(ForwardMode::Auto);
             let a = layer.adapter("default")?;
-            let (e, c) = (a.entries().clone(), a.spectrum().as_tensor().to_vec1::<f32>()?);
+            let (e, c) = (
+                a.entries().clone(),
+                a.spectrum().as_tensor().to_vec1::<f32>()?,
+            );
             let dw = reference_delta_weight(d1, d2, e.rows(), e.cols(), &c, a.scaling());
             let (w, bv, xv) = (f64s(&w0), f64s(&b), f64s(&x));
             let mut want = vec![0f64; 3 * d1];
@@ -117,7 +135,10 @@ fn layer_forward_gradient_and_merge_on_the_device() -> anyhow::Result<()> {
             }
             let y = layer.forward(&x)?;
             assert_eq!(y.dtype(), dtype, "{what}");
-            assert!(y.device().same_device(&dev), "{what}: output left the device");
+            assert!(
+                y.device().same_device(&dev),
+                "{what}: output left the device"
+            );
             assert_near(&f64s(&y), &want, tol, &format!("unmerged forward {what}"));
 
             // L = Σ y: dL/dc_l = Σ_t Σ_jk x[t,k] · basis_l[j,k].
@@ -135,15 +156,32 @@ fn layer_forward_gradient_and_merge_on_the_device() -> anyhow::Result<()> {
             assert_near(&f64s(g), &want_g, tol.max(1e-4), &format!("dL/dc {what}"));
 
             layer.merge()?;
-            assert_near(&f64s(&layer.forward(&x)?), &want, tol, &format!("merged {what}"));
+            assert_near(
+                &f64s(&layer.forward(&x)?),
+                &want,
+                tol,
+                &format!("merged {what}"),
+            );
             let merged: Vec<f64> = w.iter().zip(&dw).map(|(w, d)| w + d).collect();
-            assert_near(&f64s(&layer.weight()), &merged, tol, &format!("merged W {what}"));
+            assert_near(
+                &f64s(&layer.weight()),
+                &merged,
+                tol,
+                &format!("merged W {what}"),
+            );
             layer.unmerge()?;
             // bf16 unmerge subtracts ΔW from a rounded sum (as PEFT's does): within one
             // rounding of the merged weight.
             let unmerged = f64s(&layer.weight());
-            let worst = unmerged.iter().zip(&w).map(|(u, w)| (u - w).abs()).fold(0.0, f64::max);
-            assert!(worst <= tol * common::max_abs(&merged), "unmerged W {what}: {worst:e}");
+            let worst = unmerged
+                .iter()
+                .zip(&w)
+                .map(|(u, w)| (u - w).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= tol * common::max_abs(&merged),
+                "unmerged W {what}: {worst:e}"
+            );
         }
     }
     Ok(())

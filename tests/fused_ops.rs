@@ -5,12 +5,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, lcg_coeffs, reference_delta_weight};
+use common::{assert_close, f32s, lcg_coeffs, reference_delta_weight};
 use fourierft::{ops, Error, SpectralEntries};
-
-fn f32s(t: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-}
 
 /// Odd, even, prime, non-square and 1×N shapes: (d1 = out, d2 = in, n).
 const SHAPES: &[(usize, usize, usize)] = &[

@@ -126,7 +126,10 @@ fn bf16_adapter_contribution_is_at_least_as_close_as_peft() {
                 peft.1
             );
             assert!(
-                ours.0 <= peft.0.max(f64s(&y).iter().fold(0f64, |m, v| m.max(v.abs())) / 256.0),
+                ours.0
+                    <= peft
+                        .0
+                        .max(f64s(&y).iter().fold(0f64, |m, v| m.max(v.abs())) / 256.0),
                 "{name} {mode:?}: max error {:e} > PEFT's {:e}",
                 ours.0,
                 peft.0
@@ -141,7 +144,10 @@ fn bf16_adapter_contribution_is_at_least_as_close_as_peft() {
             merged.0, merged.1
         );
         for (mode, ours) in outcomes {
-            assert!(ours.1 <= merged.1, "{name} {mode:?}: {ours:?} vs merged {merged:?}");
+            assert!(
+                ours.1 <= merged.1,
+                "{name} {mode:?}: {ours:?} vs merged {merged:?}"
+            );
         }
     }
 }
@@ -163,7 +169,10 @@ fn bf16_merge_rounds_like_peft() {
         for (o, p) in ours.iter().zip(&peft) {
             if o != p {
                 differ += 1;
-                assert!((o - p).abs() <= p.abs() * 2f64.powi(-7), "{name}: {o} vs {p}");
+                assert!(
+                    (o - p).abs() <= p.abs() * 2f64.powi(-7),
+                    "{name}: {o} vs {p}"
+                );
             }
         }
         assert!(
@@ -193,7 +202,8 @@ fn quickstart_losses(dtype: DType) -> (Vec<f32>, f32) {
         init_weights: true,
         ..Default::default()
     };
-    let layer = FourierLinear::new(Linear::new(w0.to_dtype(dtype).unwrap(), None), &config).unwrap();
+    let layer =
+        FourierLinear::new(Linear::new(w0.to_dtype(dtype).unwrap(), None), &config).unwrap();
     let entries = layer.adapter("default").unwrap().entries().clone();
     let target_c = Tensor::new(common::lcg_coeffs(200, 9), &dev).unwrap();
     let target_dw = fourierft::ops::delta_weight(&entries, &target_c, 10.0).unwrap();
@@ -205,7 +215,12 @@ fn quickstart_losses(dtype: DType) -> (Vec<f32>, f32) {
     };
     let mut opt = candle_nn::AdamW::new(layer.trainable_vars(), params).unwrap();
     let mse = |a: &Tensor, b: &Tensor| -> Tensor {
-        (a.to_dtype(DType::F32).unwrap() - b).unwrap().sqr().unwrap().mean_all().unwrap()
+        (a.to_dtype(DType::F32).unwrap() - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
     };
     let (mut losses, mut floor) = (vec![], 0f32);
     for step in 0..steps {
@@ -239,9 +254,15 @@ fn bf16_training_tracks_f32() {
     // Above the floor the curves agree within 10%; at the end bf16 is within 3x its floor.
     for (i, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
         if *a > 20.0 * floor {
-            assert!((a - b).abs() <= 0.1 * a, "checkpoint {i}: f32 {a:e}, bf16 {b:e}");
+            assert!(
+                (a - b).abs() <= 0.1 * a,
+                "checkpoint {i}: f32 {a:e}, bf16 {b:e}"
+            );
         }
     }
     let end = *bf16_curve.last().unwrap();
-    assert!(end <= 3.0 * floor + f32_curve.last().unwrap(), "bf16 ends at {end:e}, floor {floor:e}");
+    assert!(
+        end <= 3.0 * floor + f32_curve.last().unwrap(),
+        "bf16 ends at {end:e}, floor {floor:e}"
+    );
 }

@@ -1,5 +1,8 @@
 //! Model-level injection: `AdapterContext` + `inject::linear` on a model with no FourierFT code.
 
+mod common;
+
+use common::max_diff;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -61,10 +64,6 @@ fn base_tensors() -> anyhow::Result<HashMap<String, Tensor>> {
 
 fn base_vb(t: &HashMap<String, Tensor>) -> VarBuilder<'static> {
     VarBuilder::from_tensors(t.clone(), DType::F32, &Device::Cpu)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 fn input() -> anyhow::Result<Tensor> {

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, Optimizer, VarBuilder, VarMap};
-use common::{assert_close, lcg_coeffs, reference_delta_weight};
+use common::{assert_close, f32s, lcg_coeffs, reference_delta_weight};
 use fourierft::{EntrySampling, Error, FourierFTConfig, FourierLinear};
 
 fn cfg(n: usize) -> FourierFTConfig {
@@ -30,10 +30,6 @@ fn to_f64(t: &Tensor) -> anyhow::Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
-fn flat(t: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
-}
-
 #[test]
 fn unmerged_forward_is_base_plus_reference_delta() -> anyhow::Result<()> {
     for &(out, inp, n) in &[
@@ -48,8 +44,8 @@ fn unmerged_forward_is_base_plus_reference_delta() -> anyhow::Result<()> {
         let e = a.entries();
         let dw = reference_delta_weight(out, inp, e.rows(), e.cols(), &c, 20.0);
         let x = lcg_coeffs(3 * inp, 9);
-        let w0 = flat(&layer.weight())?;
-        let b = flat(&layer.bias().expect("bias"))?;
+        let w0 = f32s(&layer.weight())?;
+        let b = f32s(&layer.bias().expect("bias"))?;
         let want: Vec<f64> = (0..3)
             .flat_map(|r| {
                 let (x, w0, b, dw) = (&x, &w0, &b, &dw);
@@ -65,7 +61,7 @@ fn unmerged_forward_is_base_plus_reference_delta() -> anyhow::Result<()> {
             .collect();
         let y = layer.forward(&Tensor::from_vec(x, (3, inp), &Device::Cpu)?)?;
         assert_eq!(y.dims(), &[3, out]);
-        assert_close(&flat(&y)?, &want, 1e-5, &format!("forward {out}x{inp}"));
+        assert_close(&f32s(&y)?, &want, 1e-5, &format!("forward {out}x{inp}"));
     }
     Ok(())
 }
@@ -84,7 +80,7 @@ fn merged_equals_unmerged_and_unmerge_restores_w0() -> anyhow::Result<()> {
         let merged = layer.forward(&x)?;
         assert_eq!(merged.dims(), unmerged.dims());
         assert_close(
-            &flat(&merged)?,
+            &f32s(&merged)?,
             &to_f64(&unmerged)?,
             1e-5,
             "merged vs unmerged",
@@ -92,7 +88,7 @@ fn merged_equals_unmerged_and_unmerge_restores_w0() -> anyhow::Result<()> {
         layer.unmerge()?;
         assert!(!layer.is_merged());
         assert_close(
-            &flat(&layer.weight())?,
+            &f32s(&layer.weight())?,
             &to_f64(&w0)?,
             1e-6,
             "merge->unmerge restores W0",
@@ -106,15 +102,15 @@ fn forward_after_merge_uses_merged_weight_only() -> anyhow::Result<()> {
     let layer = FourierLinear::new(base(8, 6, false)?, &cfg(10))?;
     layer.merge()?;
     let x = Tensor::from_vec(lcg_coeffs(12, 8), (2, 6), &Device::Cpu)?;
-    let before = flat(&layer.forward(&x)?)?;
+    let before = f32s(&layer.forward(&x)?)?;
     // Changing the coefficients after merging must not change a merged forward.
     layer
         .adapter("default")?
         .spectrum()
         .set(&Tensor::zeros(10, DType::F32, &Device::Cpu)?)?;
-    assert_eq!(before, flat(&layer.forward(&x)?)?);
+    assert_eq!(before, f32s(&layer.forward(&x)?)?);
     let plain = x.matmul(&layer.weight().t()?)?;
-    assert_eq!(before, flat(&plain)?);
+    assert_eq!(before, f32s(&plain)?);
     Ok(())
 }
 
@@ -133,16 +129,16 @@ fn fan_in_fan_out_merges_transposed_delta() -> anyhow::Result<()> {
     let dw = layer.adapter("default")?.delta_weight()?; // (out, in)
     let want = (x.matmul(&w_in_out)? + x.matmul(&dw.t()?)?)?;
     let y = layer.forward(&x)?;
-    assert_close(&flat(&y)?, &to_f64(&want)?, 1e-5, "fan_in_fan_out forward");
+    assert_close(&f32s(&y)?, &to_f64(&want)?, 1e-5, "fan_in_fan_out forward");
     layer.merge()?;
     assert_close(
-        &flat(&layer.weight())?,
+        &f32s(&layer.weight())?,
         &to_f64(&(w_in_out + dw.t()?)?)?,
         1e-6,
         "W += ΔWᵀ",
     );
     assert_close(
-        &flat(&layer.forward(&x)?)?,
+        &f32s(&layer.forward(&x)?)?,
         &to_f64(&want)?,
         1e-5,
         "fan_in_fan_out merged",
@@ -162,8 +158,8 @@ fn adamw_training_reduces_loss_and_leaves_w0_bit_identical() -> anyhow::Result<(
         ..cfg(64)
     };
     let layer = fourierft::linear(32, 16, &config, vb.pp("fc"))?;
-    let w0_bits: Vec<u32> = flat(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
-    let b0_bits: Vec<u32> = flat(&layer.bias().expect("bias"))?
+    let w0_bits: Vec<u32> = f32s(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
+    let b0_bits: Vec<u32> = f32s(&layer.bias().expect("bias"))?
         .iter()
         .map(|v| v.to_bits())
         .collect();
@@ -199,8 +195,8 @@ fn adamw_training_reduces_loss_and_leaves_w0_bit_identical() -> anyhow::Result<(
         losses[29] < 0.1 * losses[0],
         "loss did not fall: {losses:?}"
     );
-    let w_bits: Vec<u32> = flat(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
-    let b_bits: Vec<u32> = flat(&layer.bias().expect("bias"))?
+    let w_bits: Vec<u32> = f32s(&layer.weight())?.iter().map(|v| v.to_bits()).collect();
+    let b_bits: Vec<u32> = f32s(&layer.bias().expect("bias"))?
         .iter()
         .map(|v| v.to_bits())
         .collect();
@@ -216,7 +212,7 @@ fn adamw_training_reduces_loss_and_leaves_w0_bit_identical() -> anyhow::Result<(
         .as_tensor()
         .clone();
     assert_eq!(
-        flat(&in_map)?
+        f32s(&in_map)?
             .iter()
             .map(|v| v.to_bits())
             .collect::<Vec<_>>(),
@@ -235,7 +231,7 @@ fn init_weights_true_starts_as_identity() -> anyhow::Result<()> {
     let x = Tensor::from_vec(lcg_coeffs(10, 1), (2, 5), &Device::Cpu)?;
     let want = lin.forward(&x)?;
     let layer = FourierLinear::new(lin, &config)?;
-    assert_eq!(flat(&layer.forward(&x)?)?, flat(&want)?);
+    assert_eq!(f32s(&layer.forward(&x)?)?, f32s(&want)?);
     Ok(())
 }
 
@@ -264,7 +260,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     assert_eq!(layer.num_trainable(), 12);
     let want = (&y0 + x.matmul(&(d_a + &d_b)?.t()?)?)?;
     assert_close(
-        &flat(&layer.forward(&x)?)?,
+        &f32s(&layer.forward(&x)?)?,
         &to_f64(&want)?,
         1e-5,
         "two adapters",
@@ -272,7 +268,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     assert_eq!(layer.trainable_vars().len(), 2);
 
     layer.disable_adapters()?;
-    assert_eq!(flat(&layer.forward(&x)?)?, flat(&y0)?);
+    assert_eq!(f32s(&layer.forward(&x)?)?, f32s(&y0)?);
     layer.enable_adapters();
 
     layer.merge()?;
@@ -294,7 +290,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
     assert_eq!(layer.active_adapters(), vec!["other".to_string()]);
     let want = (&y0 + x.matmul(&d_b.t()?)?)?;
     assert_close(
-        &flat(&layer.forward(&x)?)?,
+        &f32s(&layer.forward(&x)?)?,
         &to_f64(&want)?,
         1e-5,
         "after delete",
@@ -313,7 +309,7 @@ fn multiple_adapters_activate_disable_delete() -> anyhow::Result<()> {
 #[test]
 fn safe_merge_refuses_non_finite_and_leaves_weight() -> anyhow::Result<()> {
     let layer = FourierLinear::new(base(5, 4, false)?, &cfg(3))?;
-    let w0 = flat(&layer.weight())?;
+    let w0 = f32s(&layer.weight())?;
     layer.set_spectrum(
         "default",
         &Tensor::new(&[1f32, f32::NAN, 0.0], &Device::Cpu)?,
@@ -322,7 +318,7 @@ fn safe_merge_refuses_non_finite_and_leaves_weight() -> anyhow::Result<()> {
     assert!(matches!(err, Error::NonFinite { .. }), "{err}");
     assert!(!layer.is_merged());
     assert_eq!(
-        flat(&layer.weight())?
+        f32s(&layer.weight())?
             .iter()
             .map(|v| v.to_bits())
             .collect::<Vec<_>>(),

@@ -18,9 +18,7 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_fourierft");
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft_formats")
-        .join(case)
+    common::fixture("peft_formats").join(case)
 }
 
 fn expected(case: &str) -> anyhow::Result<serde_json::Value> {

@@ -1,6 +1,8 @@
 //! PEFT adapter directories: configuration keys, PEFT's matching rules, save/load, bad files.
 //! Fixtures come from real PEFT (`scripts/peft_roundtrip.py make`, `scripts/make_peft_fixtures.py`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -10,7 +12,7 @@ use fourierft::peft::{ModuleMatcher, PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use fourierft::{Error, FourierFTConfig};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::fixture("")
 }
 
 fn peft_adapter() -> PathBuf {

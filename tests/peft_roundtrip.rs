@@ -9,6 +9,8 @@
 //!     and compares. Here: the adapter regenerates byte for byte and the outputs still match.
 //!     `FOURIERFT_BLESS=1` rewrites the fixture.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -23,7 +25,7 @@ use fourierft::FourierFTConfig;
 const TOL: f64 = 1e-5;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::fixture("")
 }
 
 fn load(path: PathBuf) -> anyhow::Result<HashMap<String, Tensor>> {

@@ -4,15 +4,11 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Linear;
-use common::{assert_close, lcg_coeffs, reference_delta_weight};
+use common::{assert_close, f32s, lcg_coeffs, reference_delta_weight};
 use fourierft::{ops, ForwardMode, FourierFTConfig, FourierLinear, SpectralEntries};
 
 fn f64s(t: &Tensor) -> anyhow::Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
-}
-
-fn f32s(t: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
 /// Whether the GradStore holds a gradient shaped like the weight (or its transpose).

@@ -2,6 +2,8 @@
 //! trajectories of real transformers + PEFT (`scripts/make_peft_trajectory_fixtures.py`): the
 //! same base weights, batches, initial spectra and AdamW hyper-parameters, 10 steps.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use candle_transformers::models::{bert, llama, qwen2};
@@ -14,7 +16,7 @@ use std::path::PathBuf;
 type Result<T> = anyhow::Result<T>;
 
 fn fixture(kind: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/trajectory_{kind}"))
+    common::fixture(&format!("trajectory_{kind}"))
 }
 
 fn read_json(path: PathBuf) -> Result<Value> {

@@ -9,8 +9,8 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use fourierft::config::ModuleSelector;
 use fourierft::peft::{
-    adapter_dir, merge_safetensors_with, prefix_hint, Orientation, PeftAdapter, StoredShape,
-    CONFIG_FILE, KEY_PREFIX, SPECTRUM_SUFFIX, WEIGHTS_FILE,
+    adapter_dir, merge_safetensors_with, prefix_hint, spectrum_key, Orientation, PeftAdapter,
+    StoredShape, CONFIG_FILE, WEIGHTS_FILE,
 };
 use fourierft::{Error, Result};
 use safetensors::tensor::Metadata;
@@ -287,8 +287,8 @@ fn layer_shape(
         Error::File {
             path: base.to_path_buf(),
             message: format!(
-                "no tensor {name:?} for adapted module {path:?} \
-                 ({KEY_PREFIX}{path}{SPECTRUM_SUFFIX}){hint}"
+                "no tensor {name:?} for adapted module {path:?} ({}){hint}",
+                spectrum_key(path)
             ),
         }
     };

@@ -7,7 +7,7 @@
 //! `l` pairs with coefficient `l` of the adapter's spectrum tensor.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::error::{Error, Result};
 
@@ -157,10 +157,7 @@ type Cache = Mutex<HashMap<CacheKey, Weak<SpectralEntries>>>;
 /// Locks the process-wide cache; a poisoned lock is recovered (the map stays consistent).
 fn lock_cache() -> MutexGuard<'static, HashMap<CacheKey, Weak<SpectralEntries>>> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
-    CACHE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    crate::sync::lock(CACHE.get_or_init(Default::default))
 }
 
 /// Returns the live cached entries for `key`, or builds, caches (weakly) and returns them.

@@ -22,6 +22,18 @@ pub const BIN_WEIGHTS_FILE: &str = "adapter_model.bin";
 pub const KEY_PREFIX: &str = "base_model.model.";
 /// Suffix of the spectrum tensors: `base_model.model.<module path>.fourierft_spectrum`.
 pub const SPECTRUM_SUFFIX: &str = ".fourierft_spectrum";
+/// The name of module `path`'s spectrum in [`WEIGHTS_FILE`]:
+/// `base_model.model.<path>.fourierft_spectrum`.
+pub fn spectrum_key(path: &str) -> String {
+    format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}")
+}
+
+/// The name under which PEFT saves parameter `param` (e.g. `weight`, `bias`) of the base layer
+/// of adapted module `path`: `base_model.model.<path>.base_layer.<param>`.
+pub(crate) fn base_layer_key(path: &str, param: &str) -> String {
+    format!("{KEY_PREFIX}{path}.base_layer.{param}")
+}
+
 /// The PEFT version whose format this crate writes, recorded as `peft_version` when the
 /// configuration has none.
 pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
@@ -445,13 +457,13 @@ impl PeftAdapter {
         })?;
         let mut tensors = Vec::with_capacity(self.spectra.len() + self.extra.len());
         for (path, t) in &self.spectra {
-            let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+            let key = spectrum_key(path);
             tensors.push((key, OutTensor::owned(t)?));
         }
         for (name, t) in &self.extra {
             let key = match name.rsplit_once('.') {
                 Some((module, param)) if self.spectra.contains_key(module) => {
-                    format!("{KEY_PREFIX}{module}.base_layer.{param}")
+                    base_layer_key(module, param)
                 }
                 _ => format!("{KEY_PREFIX}{name}"),
             };
@@ -556,8 +568,8 @@ impl PeftAdapter {
         file_error(
             &self.weights_label(),
             format!(
-                "missing tensor \"{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}\": the adapter configuration \
-                 targets module {path:?}{context}"
+                "missing tensor \"{}\": the adapter configuration targets module {path:?}{context}",
+                spectrum_key(path)
             ),
         )
     }
@@ -678,13 +690,10 @@ fn culprit_key(text: &[u8], e: &serde_json::Error) -> Option<String> {
     serde_json::from_slice::<String>(&text[start..stop]).ok()
 }
 
-/// The dtypes a spectrum may be stored in (PEFT loads any of them into its f32 parameter).
-const SPECTRUM_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
-
 /// [`Error::Config`] unless the configuration targets module `path`.
 fn check_target(matcher: &ModuleMatcher, path: &str) -> Result<()> {
     if !matcher.is_target(path) {
-        let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+        let key = spectrum_key(path);
         return Err(Error::Config(format!(
             "unmatched key {key:?}: module {path:?} is not targeted by the adapter configuration \
              (target_modules {})",
@@ -694,7 +703,7 @@ fn check_target(matcher: &ModuleMatcher, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a spectrum's dtype (one of [`SPECTRUM_DTYPES`]) and shape (`[n]` with `n` from the
+/// Checks a spectrum's dtype (one of F32, F16, BF16, F64) and shape (`[n]` with `n` from the
 /// configuration for module `path`) before any data is converted; `key` names it.
 fn check_spectrum_layout(
     matcher: &ModuleMatcher,
@@ -703,13 +712,7 @@ fn check_spectrum_layout(
     dtype: DType,
     dims: &[usize],
 ) -> Result<()> {
-    if !SPECTRUM_DTYPES.contains(&dtype) {
-        return Err(Error::DType {
-            what: key.to_string(),
-            expected: "F32, F16, BF16 or F64".into(),
-            found: dtype,
-        });
-    }
+    io::check_float_dtype(key, dtype)?;
     let n = matcher.n_frequency(path);
     if dims != [n] {
         return Err(Error::Shape {
@@ -723,7 +726,7 @@ fn check_spectrum_layout(
 
 /// Checks a spectrum for module `path` and returns it as f32 on the CPU.
 fn check_spectrum(matcher: &ModuleMatcher, path: &str, t: &Tensor, what: &str) -> Result<Tensor> {
-    let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}{what}");
+    let key = format!("{}{what}", spectrum_key(path));
     check_target(matcher, path)?;
     check_spectrum_layout(matcher, path, &key, t.dtype(), t.dims())?;
     let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;

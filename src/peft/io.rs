@@ -50,6 +50,22 @@ pub(crate) fn candle_dtype(path: &Path, name: &str, dtype: Dtype) -> Result<DTyp
     })
 }
 
+/// The float dtypes a spectrum may be stored in (PEFT loads any of them into its f32 parameter)
+/// and a weight may have to be merged into.
+const FLOAT_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+
+/// [`Error::DType`] for `what` unless `dtype` is one of [`FLOAT_DTYPES`].
+pub(crate) fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+    if !FLOAT_DTYPES.contains(&dtype) {
+        return Err(Error::DType {
+            what: what.to_string(),
+            expected: "F32, F16, BF16 or F64".into(),
+            found: dtype,
+        });
+    }
+    Ok(())
+}
+
 /// Whether candle can convert `dtype` to and from f32 (the dtypes a weight may have).
 pub(crate) fn is_numeric(dtype: DType) -> bool {
     matches!(
@@ -167,10 +183,11 @@ pub(crate) fn write_safetensors<'a>(
     metadata
         .entry("format".into())
         .or_insert_with(|| "pt".into());
-    atomic_write(path, |tmp| {
+    let write = |tmp: &Path| {
         safetensors::serialize_to_file(tensors, Some(metadata), tmp)
             .map_err(|e| file_error(path, format!("cannot write safetensors: {e}")))
-    })
+    };
+    commit(vec![(path, Box::new(write))])
 }
 
 /// `tensors` as safetensors bytes, with `metadata` plus `"format": "pt"` when it has no `format`.
@@ -186,11 +203,32 @@ pub(crate) fn safetensors_bytes<'a>(
         .map_err(|e| file_error(label, format!("cannot write safetensors: {e}")))
 }
 
+/// One file of a [`commit`]: its destination and what writes its content to a given path.
+type FileWriter<'a> = (&'a Path, Box<dyn FnOnce(&Path) -> Result<()> + 'a>);
+
 /// Writes several files as one step: each to a fresh temporary file next to it, then, once all
 /// are written, renames them into place in order. If any write fails, every temporary file is
 /// removed and no file is changed; a failing rename (rare: the files were written) removes the
 /// temporaries not yet renamed.
 pub(crate) fn write_files(files: &[(PathBuf, &[u8])]) -> Result<()> {
+    commit(
+        files
+            .iter()
+            .map(|(path, bytes)| -> FileWriter<'_> {
+                let write = move |tmp: &Path| {
+                    std::fs::write(tmp, bytes).map_err(|source| Error::Io {
+                        path: tmp.to_path_buf(),
+                        source,
+                    })
+                };
+                (path.as_path(), Box::new(write))
+            })
+            .collect(),
+    )
+}
+
+/// The one atomic-write mechanism behind [`write_files`] and [`write_safetensors`].
+fn commit(files: Vec<FileWriter<'_>>) -> Result<()> {
     let mut temps: Vec<PathBuf> = Vec::with_capacity(files.len());
     let cleanup = |temps: &[PathBuf]| {
         for t in temps {
@@ -198,19 +236,21 @@ pub(crate) fn write_files(files: &[(PathBuf, &[u8])]) -> Result<()> {
             let _ = std::fs::remove_file(t);
         }
     };
-    for (path, bytes) in files {
+    let mut paths = Vec::with_capacity(files.len());
+    for (path, write) in files {
         let tmp = temp_path(path)?;
         temps.push(tmp.clone());
-        if let Err(source) = std::fs::write(&tmp, bytes) {
+        if let Err(e) = write(&tmp) {
             cleanup(&temps);
-            return Err(Error::Io { path: tmp, source });
+            return Err(e);
         }
+        paths.push(path);
     }
-    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
+    for (i, (path, tmp)) in paths.iter().zip(&temps).enumerate() {
         if let Err(source) = std::fs::rename(tmp, path) {
             cleanup(&temps[i..]);
             return Err(Error::Io {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             });
         }
@@ -231,21 +271,4 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     Ok(dir.join(format!(".{name}.{}.{n}.tmp", std::process::id())))
-}
-
-/// Runs `write` on a fresh temporary file next to `path`, then renames it to `path`; on any
-/// failure the temporary file is removed and `path` is left as it was.
-pub(crate) fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_path(path)?;
-    let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    });
-    if result.is_err() {
-        // Best effort: the temporary may not exist if the write failed early.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

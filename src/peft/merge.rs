@@ -1,13 +1,13 @@
 //! Merging an adapter into base weights: one weight ([`PeftAdapter::merged_weight`]) or a whole
 //! safetensors file ([`merge_safetensors`]).
 
-use super::adapter::{PeftAdapter, KEY_PREFIX, SPECTRUM_SUFFIX};
+use super::adapter::{base_layer_key, spectrum_key, PeftAdapter};
 use super::io::{self, file_error, OutTensor};
 use super::orientation::{Orientation, StoredShape};
 use super::prefix::prefix_hint;
 use crate::error::{dims_str, Error, Result};
 use crate::layer::{FourierLinear, DEFAULT_ADAPTER};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -27,7 +27,7 @@ impl PeftAdapter {
         fan_in_fan_out: bool,
         name: &str,
     ) -> Result<Tensor> {
-        let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+        let key = spectrum_key(path);
         let spectrum = self.spectrum(path).ok_or_else(|| Error::File {
             path: self.source().unwrap_or(Path::new("adapter")).to_path_buf(),
             message: format!("no tensor {key:?}"),
@@ -38,7 +38,7 @@ impl PeftAdapter {
             expected: "2 dims".into(),
             found: dims_str(weight.dims()),
         })?;
-        check_weight_dtype(&what, weight.dtype())?;
+        io::check_float_dtype(&what, weight.dtype())?;
         let mut config = self.matcher().layer_config(path, fan_in_fan_out);
         config.init_weights = true;
         let layer =
@@ -175,7 +175,7 @@ fn merge_parsed<'a>(
     for path in adapter.spectra().keys() {
         let name = format!("{base_prefix}{path}.weight");
         let view = st.tensor(&name).map_err(|_| {
-            let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+            let key = spectrum_key(path);
             let names = st.iter().map(|(n, _)| n);
             let hint = match prefix_hint(path, base_prefix, names) {
                 h if h.is_empty() => format!(
@@ -193,7 +193,7 @@ fn merge_parsed<'a>(
             )
         })?;
         let label = format!("tensor {name:?} of {}", base.display());
-        let key = format!("{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}");
+        let key = spectrum_key(path);
         let what = format!("{label} (adapted by {key})");
         // Shape and dtype come from the header: check them before converting any data.
         let [a, b] = view.shape() else {
@@ -204,7 +204,7 @@ fn merge_parsed<'a>(
             });
         };
         let dtype = io::candle_dtype(base, &name, view.dtype())?;
-        check_weight_dtype(&what, dtype)?;
+        io::check_float_dtype(&what, dtype)?;
         let shape = stored_shape(&st, adapter, base_prefix, path, (*a, *b));
         let others = || {
             let mut all = BTreeMap::new();
@@ -227,7 +227,7 @@ fn merge_parsed<'a>(
                 return Err(Error::Shape {
                     what: format!(
                         "{} (the stored base weight of {path:?}) against {label}",
-                        adapter.describe(&format!("{KEY_PREFIX}{path}.base_layer.weight"))
+                        adapter.describe(&base_layer_key(path, "weight"))
                     ),
                     expected: dims_str(view.shape()),
                     found: dims_str(stored.dims()),
@@ -313,19 +313,4 @@ fn stored_shape(
         let bias = st.tensor(&format!("{base_prefix}{path}.bias")).ok()?;
         Some(bias.shape().to_vec())
     })
-}
-
-/// The dtypes a weight may have to be merged into.
-const WEIGHT_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
-
-/// [`Error::DType`] unless `dtype` is one of [`WEIGHT_DTYPES`].
-fn check_weight_dtype(what: &str, dtype: DType) -> Result<()> {
-    if !WEIGHT_DTYPES.contains(&dtype) {
-        return Err(Error::DType {
-            what: what.to_string(),
-            expected: "F32, F16, BF16 or F64".into(),
-            found: dtype,
-        });
-    }
-    Ok(())
 }

@@ -17,9 +17,10 @@ mod pickle;
 mod prefix;
 mod target;
 
+pub(crate) use adapter::base_layer_key;
 pub use adapter::{
-    adapter_dir, PeftAdapter, BIN_WEIGHTS_FILE, CONFIG_FILE, KEY_PREFIX, PEFT_FORMAT_VERSION,
-    SPECTRUM_SUFFIX, WEIGHTS_FILE,
+    adapter_dir, spectrum_key, PeftAdapter, BIN_WEIGHTS_FILE, CONFIG_FILE, KEY_PREFIX,
+    PEFT_FORMAT_VERSION, SPECTRUM_SUFFIX, WEIGHTS_FILE,
 };
 pub use merge::{merge_safetensors, merge_safetensors_bytes, merge_safetensors_with, MergeSummary};
 pub use orientation::{Orientation, StoredShape, CONV1D_MODEL_TYPES, CONV1D_MODULES};

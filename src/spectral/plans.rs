@@ -21,7 +21,7 @@ fn planners<R>(f: impl FnOnce(&mut Planners) -> R) -> R {
         })
     });
     // A panic elsewhere cannot leave a planner half-updated in a way that matters: recover.
-    let mut guard = m.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = crate::sync::lock(m);
     f(&mut guard)
 }
 
@@ -103,7 +103,7 @@ pub struct Pooled<T: PoolElem>(Vec<T>);
 const POOL_SIZE: usize = 32;
 
 fn take<T: PoolElem>(len: usize) -> Vec<T> {
-    let mut p = T::pool().lock().unwrap_or_else(|e| e.into_inner());
+    let mut p = crate::sync::lock(T::pool());
     // The smallest buffer that is big enough, else the biggest one (grown by the caller).
     let fit = p
         .iter()
@@ -142,7 +142,7 @@ pub(crate) fn pooled_overwrite<T: PoolElem>(len: usize) -> Pooled<T> {
 
 impl<T: PoolElem> Drop for Pooled<T> {
     fn drop(&mut self) {
-        let mut p = T::pool().lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = crate::sync::lock(T::pool());
         if p.len() < POOL_SIZE {
             p.push(std::mem::take(&mut self.0));
         }

@@ -123,7 +123,7 @@ impl PortableBasis {
         let cache = CACHE.get_or_init(Default::default);
         let loc = device.location();
         {
-            let mut slots = cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = crate::sync::lock(cache);
             slots.retain(|(w, _, _)| w.strong_count() > 0);
             if let Some((_, _, b)) = slots
                 .iter()
@@ -133,7 +133,7 @@ impl PortableBasis {
             }
         }
         let basis = Arc::new(Self::new(entries, device)?);
-        let mut slots = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = crate::sync::lock(cache);
         slots.push((Arc::downgrade(entries), loc, basis.clone()));
         Ok(basis)
     }
@@ -178,7 +178,11 @@ mod tests {
         let e = SpectralEntries::uniform(768, 768, 1000, 777)?;
         let b = PortableBasis::new(&e, &Device::Cpu)?;
         let unfolded = 768 * 2 * 1000 * 768;
-        assert!(b.gemm_macs() * 5 < unfolded, "{} vs {unfolded}", b.gemm_macs());
+        assert!(
+            b.gemm_macs() * 5 < unfolded,
+            "{} vs {unfolded}",
+            b.gemm_macs()
+        );
         Ok(())
     }
 

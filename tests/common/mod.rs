@@ -93,3 +93,30 @@ pub fn test_device() -> candle_core::Device {
         panic!("FOURIERFT_TEST_DEVICE={name}: {e} (build with --features {name} on a machine with that device)")
     })
 }
+
+/// `tests/fixtures/<rel>` in this checkout.
+pub fn fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// max |a − b| over all elements of two f32 tensors of the same shape.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> anyhow::Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// All values of `t` (any float dtype), flattened, as f32.
+pub fn f32s(t: &candle_core::Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?)
+}
+
+/// A fuzz input split as the fuzz targets split it (`fuzz/src/lib.rs`): a little-endian `u32`
+/// length, that many bytes, the rest.
+pub fn split_prefixed(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let rest = &data[4..];
+    (len <= rest.len()).then(|| rest.split_at(len))
+}

@@ -1,65 +1,18 @@
-//! Model-level injection: build any candle model so that every linear layer whose module path
-//! the adapter configuration targets becomes a [`FourierLinear`], without FourierFT code in the
-//! model.
-//!
-//! The model uses [`linear`] (or [`linear_no_bias`], [`linear_b`], [`conv1d`]) where it would use
-//! `candle_nn::linear`; everything else stays as it is. An [`AdapterContext`] travels inside the
-//! [`VarBuilder`] made by [`AdapterContext::var_builder`]; the constructors find it there and
-//! consult it with the layer's path (`vb.prefix()`). With a plain `VarBuilder` they build plain
-//! `candle_nn::Linear` layers, exactly like `candle_nn::linear`.
-//!
-//! ```
-//! use candle_core::{DType, Device, Module, Tensor};
-//! use candle_nn::{VarBuilder, VarMap};
-//! use fourierft::config::ModuleSelector;
-//! use fourierft::inject::{self, AdaptableLinear, AdapterContext};
-//! use fourierft::FourierFTConfig;
-//!
-//! // A model written once, with no FourierFT code besides `inject::linear`.
-//! struct Mlp { fc1: AdaptableLinear, fc2: AdaptableLinear }
-//! impl Mlp {
-//!     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
-//!         let fc1 = inject::linear(8, 16, vb.pp("fc1"))?;
-//!         let fc2 = inject::linear(16, 4, vb.pp("fc2"))?;
-//!         Ok(Self { fc1, fc2 })
-//!     }
-//!     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-//!         self.fc2.forward(&self.fc1.forward(x)?.relu()?)
-//!     }
-//! }
-//!
-//! let config = FourierFTConfig {
-//!     target_modules: Some(ModuleSelector::Names(vec!["fc1".into()])),
-//!     n_frequency: 32,
-//!     init_seed: Some(0),
-//!     ..Default::default()
-//! };
-//! let ctx = AdapterContext::new(config)?;
-//! let varmap = VarMap::new(); // or the pretrained weights
-//! let base = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-//! let model = Mlp::new(ctx.var_builder(base))?;
-//! ctx.check()?; // the configuration matched something, and a loaded adapter fits the model
-//! assert_eq!(ctx.layer_paths(), vec!["fc1"]);
-//! assert_eq!(ctx.trainable_vars().len(), 1); // give these to the optimizer
-//! let y = model.forward(&Tensor::ones((2, 8), DType::F32, &Device::Cpu)?)?;
-//! ctx.merge()?; // whole model; ctx.unmerge() takes it out again
-//! # let dir = std::env::temp_dir().join(format!("fourierft-inject-doc-{}", std::process::id()));
-//! ctx.save_pretrained(&dir)?; // a PEFT adapter directory
-//! # std::fs::remove_dir_all(&dir)?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! [`AdapterContext`]: the adapter of a whole model and the layers built for it.
 
-use crate::backend::{AdapterBackend, CONTEXT_KEY};
+use super::backend::ContextBackend;
+use super::channel;
+use super::trained::TrainedTensors;
 use crate::config::{shown_selector, FourierFTConfig};
 use crate::error::{Error, Result};
 use crate::layer::{FourierLinear, DEFAULT_ADAPTER};
-use crate::peft::{ModuleMatcher, PeftAdapter, KEY_PREFIX, SPECTRUM_SUFFIX};
-use candle_core::{DType, Module, Tensor, Var};
-use candle_nn::{Linear, VarBuilder};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use crate::peft::{spectrum_key, ModuleMatcher, PeftAdapter, KEY_PREFIX};
+use crate::sync::lock;
+use candle_core::{Tensor, Var};
+use candle_nn::VarBuilder;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex};
 
 /// The adapter of a whole model: its configuration, the [`FourierLinear`] layers built for it and,
 /// when loaded from a PEFT directory, the saved spectra to put into them.
@@ -68,14 +21,14 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 /// [`var_builder`](Self::var_builder), then call [`check`](Self::check); afterwards
 /// [`trainable_vars`](Self::trainable_vars) feeds the optimizer, [`merge`](Self::merge) /
 /// [`unmerge`](Self::unmerge) act on every layer, and [`save_pretrained`](Self::save_pretrained)
-/// writes one PEFT adapter directory. See the [module docs](self) for an example.
+/// writes one PEFT adapter directory. See the [module docs](super) for an example.
 #[derive(Debug, Clone)]
 pub struct AdapterContext {
     inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(super) struct Inner {
     id: u32,
     name: String,
     matcher: ModuleMatcher,
@@ -83,64 +36,17 @@ struct Inner {
     layers: Mutex<BTreeMap<String, FourierLinear>>,
     /// Paths of every linear layer built through this context, adapted or not.
     built: Mutex<Vec<String>>,
-    /// Extra tensors served by this context's backends.
+    /// The loaded adapter's extra tensors the model asked for, recorded by this context's
+    /// backends.
     used: Arc<Mutex<BTreeSet<String>>>,
     /// Tensors trained in full: `modules_to_save` parameters and biases per `bias`.
     trained: Arc<TrainedTensors>,
 }
 
-/// The tensors a context trains in full besides the spectra, as PEFT decides them
-/// ([`ModuleMatcher::trains_in_full`]): every parameter of a `modules_to_save` module (e.g. a
-/// classification head) and, with `bias = "all"` / `"fourier_only"`, biases. The model asks for
-/// them through the context's [`VarBuilder`] like any weight and gets a [`Var`]'s tensor, so any
-/// candle model trains them without code changes.
-#[derive(Debug)]
-pub(crate) struct TrainedTensors {
-    matcher: ModuleMatcher,
-    vars: Mutex<BTreeMap<String, Var>>,
-}
-
-impl TrainedTensors {
-    /// Whether model tensor `name` is trained in full.
-    pub(crate) fn trains(&self, name: &str) -> bool {
-        self.matcher.trains_in_full(name)
-    }
-
-    /// The `Var` of tensor `name`, made from `init` on first request; a second request (e.g. a
-    /// tied weight) gets the same `Var`.
-    pub(crate) fn var(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &candle_core::Device,
-        init: impl FnOnce(DType) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Var> {
-        let mut vars = lock(&self.vars);
-        if let Some(v) = vars.get(name) {
-            return Ok(v.clone());
-        }
-        let v = Var::from_tensor(&init(dtype)?.to_device(device)?)?;
-        vars.insert(name.to_string(), v.clone());
-        Ok(v)
-    }
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
-        registry().remove(&self.id);
+        channel::unregister(self.id);
     }
-}
-
-fn registry() -> MutexGuard<'static, HashMap<u32, Weak<Inner>>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<u32, Weak<Inner>>>> = OnceLock::new();
-    REGISTRY
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl AdapterContext {
@@ -191,13 +97,10 @@ impl AdapterContext {
     }
 
     fn build(name: &str, matcher: ModuleMatcher, loaded: Option<Arc<PeftAdapter>>) -> Self {
-        static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-        let trained = Arc::new(TrainedTensors {
-            matcher: matcher.clone(),
-            vars: Mutex::default(),
-        });
+        let trained = Arc::new(TrainedTensors::new(matcher.clone()));
+        let id = channel::next_id();
         let inner = Arc::new(Inner {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             name: name.to_string(),
             trained,
             matcher,
@@ -206,7 +109,7 @@ impl AdapterContext {
             built: Mutex::default(),
             used: Arc::default(),
         });
-        registry().insert(inner.id, Arc::downgrade(&inner));
+        channel::register(id, &inner);
         Self { inner }
     }
 
@@ -215,30 +118,19 @@ impl AdapterContext {
     /// `modules_to_save`) replace the base tensors of the same name. Dtype, device and prefix
     /// are `base`'s.
     pub fn var_builder<'a>(&self, base: VarBuilder<'a>) -> VarBuilder<'a> {
-        AdapterBackend::new(
-            base,
-            self.inner.loaded.clone(),
-            "",
-            HashMap::new(),
-            Some(self.inner.id),
-        )
-        .with_used(self.inner.used.clone())
-        .with_trained(self.inner.trained.clone())
-        .into_var_builder()
+        crate::serve::var_builder(&base, |root| ContextBackend {
+            base: root,
+            id: self.inner.id,
+            loaded: self.inner.loaded.clone(),
+            used: self.inner.used.clone(),
+            trained: self.inner.trained.clone(),
+        })
     }
 
-    /// The context carried by `vb`, if it was made by [`var_builder`](Self::var_builder).
+    /// The context carried by `vb`, if it was made by [`var_builder`](Self::var_builder)
+    /// (`inject/channel.rs` says how).
     pub fn from_var_builder(vb: &VarBuilder) -> Option<Self> {
-        if !vb.contains_tensor(CONTEXT_KEY) {
-            return None;
-        }
-        let id = vb
-            .get_unchecked_dtype(CONTEXT_KEY, DType::U32)
-            .ok()?
-            .to_scalar::<u32>()
-            .ok()?;
-        let inner = registry().get(&id)?.upgrade()?;
-        Some(Self { inner })
+        channel::find(vb).map(|inner| Self { inner })
     }
 
     /// The adapter's name.
@@ -330,8 +222,8 @@ impl AdapterContext {
             return Err(Error::File {
                 path: source,
                 message: format!(
-                    "unmatched tensor \"{KEY_PREFIX}{path}{SPECTRUM_SUFFIX}\": the model built no \
-                     targeted linear layer {path:?}"
+                    "unmatched tensor \"{}\": the model built no targeted linear layer {path:?}",
+                    spectrum_key(path)
                 ),
             });
         }
@@ -398,7 +290,7 @@ impl AdapterContext {
     /// `modules_to_save` modules (e.g. a classifier head) and, per `bias`, biases — those the
     /// model asked for through [`var_builder`](Self::var_builder). Saved with the adapter.
     pub fn trained_tensors(&self) -> BTreeMap<String, Var> {
-        lock(&self.inner.trained.vars).clone()
+        self.inner.trained.vars()
     }
 
     /// Number of trainable values: spectral coefficients plus tensors trained in full.
@@ -491,89 +383,7 @@ impl AdapterContext {
         self.to_adapter()?.save(root, &self.inner.name)
     }
 
-    fn record_built(&self, path: &str) {
+    pub(super) fn record_built(&self, path: &str) {
         lock(&self.inner.built).push(path.to_string());
     }
-}
-
-/// A linear layer built by this module's constructors: a plain [`Linear`] or, where the adapter
-/// targets it, a [`FourierLinear`].
-#[derive(Debug, Clone)]
-pub enum AdaptableLinear {
-    /// Not adapted: exactly what `candle_nn::linear` builds.
-    Base(Linear),
-    /// Adapted.
-    Fourier(FourierLinear),
-}
-
-impl AdaptableLinear {
-    /// The adapted layer, if this one is adapted.
-    pub fn fourier(&self) -> Option<&FourierLinear> {
-        match self {
-            AdaptableLinear::Fourier(l) => Some(l),
-            AdaptableLinear::Base(_) => None,
-        }
-    }
-}
-
-impl Module for AdaptableLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            AdaptableLinear::Base(l) => l.forward(x),
-            AdaptableLinear::Fourier(l) => l.forward(x),
-        }
-    }
-}
-
-/// `candle_nn::linear(in_dim, out_dim, vb)`, adapted when `vb` carries an [`AdapterContext`] that
-/// targets `vb.prefix()`. Weight `(out_dim, in_dim)` and bias `[out_dim]` come from `vb` with
-/// `candle_nn::linear`'s initialisation hints.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<AdaptableLinear> {
-    build(in_dim, out_dim, true, false, vb)
-}
-
-/// Like [`linear`] without a bias.
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<AdaptableLinear> {
-    build(in_dim, out_dim, false, false, vb)
-}
-
-/// Like [`linear`], with or without a bias.
-pub fn linear_b(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<AdaptableLinear> {
-    build(in_dim, out_dim, bias, false, vb)
-}
-
-/// A GPT-2 style `Conv1D` (transformers' `Conv1D(nf=out_dim, nx=in_dim)`): `y = x·W + b` with the
-/// weight stored `(in_dim, out_dim)` and a bias `[out_dim]`. Adapted with `fan_in_fan_out`
-/// whatever the configuration says, as PEFT does.
-pub fn conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<AdaptableLinear> {
-    build(in_dim, out_dim, true, true, vb)
-}
-
-fn build(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    fan_in_fan_out: bool,
-    vb: VarBuilder,
-) -> Result<AdaptableLinear> {
-    let (weight, bias) = crate::layer::base_parts(in_dim, out_dim, bias, fan_in_fan_out, &vb)?;
-    let path = vb.prefix();
-    if let Some(ctx) = AdapterContext::from_var_builder(&vb) {
-        ctx.record_built(&path);
-        if ctx.is_target(&path) {
-            return Ok(AdaptableLinear::Fourier(ctx.adapt(
-                &path,
-                weight,
-                bias,
-                fan_in_fan_out,
-            )?));
-        }
-    }
-    let weight = if fan_in_fan_out { weight.t()? } else { weight };
-    Ok(AdaptableLinear::Base(Linear::new(weight, bias)))
 }
