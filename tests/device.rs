@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Linear;
-use common::{lcg_coeffs, reference_delta_weight, test_device};
+use common::{assert_near, f64s, lcg_coeffs, reference_delta_weight, test_device};
 use fourierft::ops::DeltaWeight;
 use fourierft::{ForwardMode, FourierFTConfig, FourierLinear, SpectralEntries};
 
@@ -22,28 +22,6 @@ const SHAPES: &[(usize, usize)] = &[
     (16, 16),
     (31, 64),
 ];
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .and_then(|t| t.to_dtype(DType::F64))
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("values")
-}
-
-#[track_caller]
-fn assert_near(found: &[f64], want: &[f64], rel: f64, what: &str) {
-    assert_eq!(found.len(), want.len(), "{what}: length");
-    let scale = common::max_abs(want).max(1e-12);
-    let worst = found
-        .iter()
-        .zip(want)
-        .map(|(f, w)| (f - w).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        worst <= rel * scale,
-        "{what}: max error {worst:e} > {rel:e} × {scale:e}"
-    );
-}
 
 fn n_for(d1: usize, d2: usize) -> usize {
     (d1 * d2).clamp(1, 40)

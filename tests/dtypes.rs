@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use common::{lcg_coeffs, reference_delta_weight};
+use common::{assert_near, f64s, lcg_coeffs, max_abs, reference_delta_weight};
 use fourierft::config::ModuleSelector;
 use fourierft::inject::{self, AdaptableLinear, AdapterContext};
 use fourierft::peft::{merge_safetensors, PeftAdapter};
@@ -39,32 +39,6 @@ fn tol(dtype: DType) -> f64 {
         DType::F64 | DType::F32 => 2e-5,
         d => 8.0 * eps(d),
     }
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .and_then(|t| t.to_dtype(DType::F64))
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("values")
-}
-
-fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0, |m, x| m.max(x.abs()))
-}
-
-#[track_caller]
-fn assert_near(found: &[f64], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(found.len(), want.len(), "{what}");
-    let scale = max_abs(want).max(1e-12);
-    let worst = found
-        .iter()
-        .zip(want)
-        .map(|(f, w)| (f - w).abs())
-        .fold(0.0, f64::max);
-    assert!(
-        worst <= tol * scale,
-        "{what}: max error {worst:e} > {tol:e} x {scale:e}"
-    );
 }
 
 /// The layer's W0, bias and input in `dtype`, and the f64 values they hold after rounding.

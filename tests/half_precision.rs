@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, Optimizer, ParamsAdamW};
+use common::f64s;
 use fourierft::{ForwardMode, FourierFTConfig, FourierLinear, PeftAdapter};
 
 const LAYERS: [&str; 3] = ["tiny_update", "mid_update", "large_update"];
@@ -20,13 +21,6 @@ fn dir() -> PathBuf {
 /// A fixture file's tensors on the test device (`FOURIERFT_TEST_DEVICE`, default CPU).
 fn load(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir().join(file), &common::test_device()).expect(file)
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .and_then(|t| t.to_dtype(DType::F64))
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("values")
 }
 
 /// The PEFT adapter's layer as a [`FourierLinear`] on the bf16 base weight and bias.

@@ -120,3 +120,27 @@ pub fn split_prefixed(data: &[u8]) -> Option<(&[u8], &[u8])> {
     let rest = &data[4..];
     (len <= rest.len()).then(|| rest.split_at(len))
 }
+
+/// All values of `t` (any float dtype), flattened, as f64.
+pub fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F64))
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("tensor values")
+}
+
+/// Asserts max_i |found_i − want_i| ≤ rel · max(max|want|, 1e-12).
+#[track_caller]
+pub fn assert_near(found: &[f64], want: &[f64], rel: f64, what: &str) {
+    assert_eq!(found.len(), want.len(), "{what}: length");
+    let scale = max_abs(want).max(1e-12);
+    let worst = found
+        .iter()
+        .zip(want)
+        .map(|(f, w)| (f - w).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst <= rel * scale,
+        "{what}: max error {worst:e} > {rel:e} x {scale:e}"
+    );
+}
