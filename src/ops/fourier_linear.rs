@@ -206,7 +206,7 @@ pub fn fourier_linear(
         format!("[{}]", entries.len()),
     )?;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.map_or(true, cpu_f32)) {
+    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.is_none_or(cpu_f32)) {
         let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
         let w = add_to_frozen(&dw, weight)?;
         let y = x.matmul(&w.t()?)?;
