@@ -1,5 +1,7 @@
 //! Model-level injection: `AdapterContext` + `inject::linear` on a model with no FourierFT code.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -68,7 +70,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
 }
 
 fn input() -> anyhow::Result<Tensor> {
-    Ok(Tensor::randn(0f32, 1.0, (4, 7, 12), &Device::Cpu)?)
+    common::randn(7, 1.0, (4, 7, 12))
 }
 
 #[test]
