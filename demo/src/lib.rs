@@ -24,14 +24,14 @@
 //!
 //! Modules: [`config`] (config.json, adapters), [`model`] (the encoder), [`proj`] (adapted
 //! projections), [`attention`], [`ffn`] (GELU and the fused sub-blocks), [`norm`] (layer norm),
-//! [`linear`] (frozen linear), [`kernels`] (elementwise f32 kernels), [`tokenizer`], [`profile`]
-//! (`--profile`).
+//! [`linear`] (frozen linear), [`tokenizer`], [`profile`] (`--profile`); inside: `kernels`
+//! (elementwise f32 kernels), `gemm` (the products on strided views), `storage` (tensor data).
 
 pub mod attention;
 pub mod config;
 pub mod ffn;
 mod gemm;
-pub mod kernels;
+mod kernels;
 pub mod linear;
 pub mod model;
 pub mod norm;
