@@ -11,7 +11,7 @@
 //! Assets: `scripts/fetch-demo-assets.sh` writes MiniLM (`model.safetensors`, `config.json`,
 //! `tokenizer.json`) to `target/demo-assets/`. Adapter: `--adapter DIR`, any PEFT FourierFT
 //! directory for `sentence-transformers/all-MiniLM-L6-v2` (saved by PEFT, or by
-//! `cargo run --release --example sentiment`, which writes `target/demo-out/fourierft-seed0` with
+//! `cargo run --release -p fourierft-demo --bin sentiment` (the demo), which writes `target/demo-out/fourierft-seed0` with
 //! a sentiment head next to it); by default that one if it exists, else a random demo adapter
 //! saved to `target/demo-out/deploy-demo-adapter`.
 //!

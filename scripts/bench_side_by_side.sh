@@ -7,7 +7,7 @@
 #   scripts/bench_side_by_side.sh [DIMS...]   one layer: examples/bench_layer.rs against
 #                                             scripts/peft_layer_bench.py (default dims 384 1024 4096,
 #                                             token counts $BATCHES, default "64 1024")
-#   scripts/bench_side_by_side.sh --demo      the sentiment demo's training step: examples/sentiment.rs
+#   scripts/bench_side_by_side.sh --demo      the sentiment demo's training step: demo/src/bin/sentiment
 #                                             against scripts/peft_sentiment.py on identical batches
 #                                             (checked with --dump-batches), FourierFT and LoRA
 #
@@ -69,15 +69,15 @@ for line, sides in vals.items():
 if [ "${1:-}" = "--demo" ]; then
     TRAIN=${TRAIN:-320} TEST=${TEST:-200} SEEDS=${SEEDS:-0} METHODS=${METHODS:-fourierft,lora}
     bash scripts/fetch-demo-assets.sh >/dev/null
-    cargo build --release --example sentiment -q
+    cargo build --release -p fourierft-demo --bin sentiment -q
     flags=(--methods "$METHODS" --seeds "$SEEDS" --train "$TRAIN" --test "$TEST")
-    cmp -s <(target/release/examples/sentiment "${flags[@]}" --dump-batches) \
+    cmp -s <(target/release/sentiment "${flags[@]}" --dump-batches) \
         <("$PY" scripts/peft_sentiment.py "${flags[@]}" --dump-batches) ||
         { echo "the two sides would train on different batches" >&2; exit 1; }
     machine
     echo "job: ${flags[*]}, $THREADS threads each side, $RUNS runs per side, alternating"
     for r in $(seq 1 "$RUNS"); do
-        ours() { RAYON_NUM_THREADS=$THREADS target/release/examples/sentiment "${flags[@]}" \
+        ours() { RAYON_NUM_THREADS=$THREADS target/release/sentiment "${flags[@]}" \
             --no-merge-check --json "$out/ours$r.json" >/dev/null; }
         peft() { "$PY" scripts/peft_sentiment.py "${flags[@]}" --threads "$THREADS" \
             --json "$out/peft$r.json" >/dev/null; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The sentiment demo's job with transformers + PEFT on CPU, for a side-by-side comparison.
 
-Same as `cargo run --release --example sentiment`: MiniLM-L6 (all-MiniLM-L6-v2) on Rotten
+Same as `cargo run --release -p fourierft-demo --bin sentiment`: MiniLM-L6 (all-MiniLM-L6-v2) on Rotten
 Tomatoes from target/demo-assets (scripts/fetch-demo-assets.sh), the same split (train from the
 front of the shuffled corpus, test from the back), the same tokenizer file and settings (no
 padding, truncation at --max-len), the same batches (the same splitmix64 data order and length
@@ -32,7 +32,7 @@ BUCKET_BATCHES = 16
 
 
 class SplitMix64:
-    """The data-order generator, bit for bit the one in examples/sentiment.rs."""
+    """The data-order generator, bit for bit the one in demo/src/bin/sentiment/data.rs."""
 
     def __init__(self, state):
         self.state = state & MASK64

@@ -53,7 +53,8 @@ fn adapter() -> anyhow::Result<PeftAdapter> {
     };
     let spectra: BTreeMap<String, Tensor> = PATHS
         .iter()
-        .map(|p| Ok((p.to_string(), Tensor::randn(0f32, 1.0, 64, &Device::Cpu)?)))
+        .enumerate()
+        .map(|(i, p)| Ok((p.to_string(), common::randn(i as u64, 1.0, 64)?)))
         .collect::<anyhow::Result<_>>()?;
     Ok(PeftAdapter::new(config, spectra, Default::default())?)
 }

@@ -841,12 +841,19 @@ fn failed_writes_leave_nothing_half_written() -> anyhow::Result<()> {
 #[test]
 fn fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let files = |dir: PathBuf| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
-            .unwrap_or_default();
+    // A missing folder fails the test: a replay that iterates nothing would pass silently.
+    let files = |dir: PathBuf| -> anyhow::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| anyhow::anyhow!("fuzz corpus folder {}: {e}", dir.display()))?
+            .map(|e| Ok(e?.path()))
+            .collect::<std::io::Result<_>>()?;
+        // Hidden files (.gitkeep, which keeps an empty regressions folder in git) are no inputs.
+        v.retain(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        });
         v.sort();
-        v
+        Ok(v)
     };
     let load = |data: &[u8]| -> Option<fourierft::Result<PeftAdapter>> {
         let (config, weights) = split_prefixed(data)?;
@@ -861,26 +868,26 @@ fn fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
         };
         Some(merge_safetensors_bytes(base, &adapter, "").map(|(b, _)| b))
     };
-    let seeds = files(root.join("seeds/load_adapter"));
+    let seeds = files(root.join("seeds/load_adapter"))?;
     assert!(seeds.len() >= 3, "{seeds:?}");
     for f in seeds {
         load(&std::fs::read(&f)?)
             .expect("framed")
             .map_err(|e| anyhow::anyhow!("{f:?}: {e}"))?;
     }
-    let seeds = files(root.join("seeds/merge"));
+    let seeds = files(root.join("seeds/merge"))?;
     assert!(seeds.len() >= 3, "{seeds:?}");
     for f in seeds {
         merge(&std::fs::read(&f)?)
             .expect("framed")
             .map_err(|e| anyhow::anyhow!("{f:?}: {e}"))?;
     }
-    for f in files(root.join("regressions/load_adapter")) {
+    for f in files(root.join("regressions/load_adapter"))? {
         if let Some(Err(e)) = load(&std::fs::read(&f)?) {
             assert!(!e.to_string().contains('\n'), "{f:?}: {e}");
         }
     }
-    for f in files(root.join("regressions/merge")) {
+    for f in files(root.join("regressions/merge"))? {
         if let Some(Err(e)) = merge(&std::fs::read(&f)?) {
             assert!(!e.to_string().contains('\n'), "{f:?}: {e}");
         }

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, f32s, lcg_coeffs, reference_delta_weight};
+use common::{assert_close, f32s, lcg_coeffs, randn, reference_delta_weight};
 use fourierft::{ops, Error, SpectralEntries};
 
 /// Odd, even, prime, non-square and 1×N shapes: (d1 = out, d2 = in, n).
@@ -129,14 +129,13 @@ fn fourier_linear_gradients_match_finite_differences() -> anyhow::Result<()> {
 
 #[test]
 fn fourier_linear_equals_composed_ops_in_value_and_gradients() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
     let (d1, d2, n, tokens) = (24, 40, 60, 33);
     let e = SpectralEntries::uniform(d1, d2, n, 3)?;
-    let w0 = Tensor::randn(0f32, 0.2, (d1, d2), &dev)?;
-    let r = Tensor::randn(0f32, 1.0, (tokens, d1), &dev)?;
-    let c = Var::from_tensor(&Tensor::randn(0f32, 1.0, n, &dev)?)?;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (tokens, d2), &dev)?)?;
-    for bias in [None, Some(Tensor::randn(0f32, 1.0, d1, &dev)?)] {
+    let w0 = randn(101, 0.2, (d1, d2))?;
+    let r = randn(102, 1.0, (tokens, d1))?;
+    let c = Var::from_tensor(&randn(103, 1.0, n)?)?;
+    let x = Var::from_tensor(&randn(104, 1.0, (tokens, d2))?)?;
+    for bias in [None, Some(randn(105, 1.0, d1)?)] {
         let fused = ops::fourier_linear(x.as_tensor(), &w0, bias.as_ref(), &e, &c, 25.0)?;
         let w = (&w0 + ops::delta_weight(&e, &c, 25.0)?)?;
         let mut composed = x.matmul(&w.t()?)?;
@@ -161,7 +160,7 @@ fn fourier_linear_without_tracked_input_gives_only_dc() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let e = SpectralEntries::uniform(5, 7, 6, 1)?;
     let c = Var::new(lcg_coeffs(6, 1).as_slice(), &dev)?;
-    let x = Tensor::randn(0f32, 1.0, (4, 7), &dev)?;
+    let x = randn(106, 1.0, (4, 7))?;
     let w0 = Tensor::zeros((5, 7), DType::F32, &dev)?;
     let y = ops::fourier_linear(&x, &w0, None, &e, &c, 10.0)?;
     let g = y.sum_all()?.backward()?;
@@ -208,14 +207,13 @@ fn fourier_linear_rejects_bad_shapes_with_typed_errors() -> anyhow::Result<()> {
 
 #[test]
 fn frozen_linear_fast_path_equals_matmul_for_views_and_shapes() -> anyhow::Result<()> {
-    let dev = Device::Cpu;
     for &(out, inp, tokens) in &[(1usize, 1usize, 1usize), (1, 9, 3), (9, 1, 2), (13, 17, 5)] {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (tokens, inp), &dev)?)?;
-        let r = Tensor::randn(0f32, 1.0, (tokens, out), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, out, &dev)?;
+        let x = Var::from_tensor(&randn(107, 1.0, (tokens, inp))?)?;
+        let r = randn(108, 1.0, (tokens, out))?;
+        let b = randn(109, 1.0, out)?;
         // A contiguous weight and a transposed view of an (in, out) one.
-        let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
-        let wt = Tensor::randn(0f32, 1.0, (inp, out), &dev)?.t()?;
+        let w = randn(110, 1.0, (out, inp))?;
+        let wt = randn(111, 1.0, (inp, out))?.t()?;
         for w in [w, wt] {
             for bias in [None, Some(&b)] {
                 let y = ops::frozen_linear(&x, &w, bias)?;

@@ -67,7 +67,7 @@ fn base_vb(t: &HashMap<String, Tensor>) -> VarBuilder<'static> {
 }
 
 fn input() -> anyhow::Result<Tensor> {
-    Ok(Tensor::randn(0f32, 1.0, (4, 7, 12), &Device::Cpu)?)
+    common::randn(7, 1.0, (4, 7, 12))
 }
 
 #[test]

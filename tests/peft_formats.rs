@@ -572,12 +572,19 @@ fn layer_rules_follow_the_writing_peft_version() -> anyhow::Result<()> {
 #[test]
 fn bin_fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let files = |dir: PathBuf| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
-            .unwrap_or_default();
+    // A missing folder fails the test: a replay that iterates nothing would pass silently.
+    let files = |dir: PathBuf| -> anyhow::Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| anyhow::anyhow!("fuzz corpus folder {}: {e}", dir.display()))?
+            .map(|e| Ok(e?.path()))
+            .collect::<std::io::Result<_>>()?;
+        // Hidden files (.gitkeep, which keeps an empty regressions folder in git) are no inputs.
+        v.retain(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        });
         v.sort();
-        v
+        Ok(v)
     };
     let load = |data: &[u8]| -> Option<fourierft::Result<PeftAdapter>> {
         let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
@@ -585,14 +592,14 @@ fn bin_fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
         let (config, bin) = (len <= rest.len()).then(|| rest.split_at(len))?;
         Some(PeftAdapter::from_bin_bytes(config, bin))
     };
-    let seeds = files(root.join("seeds/load_adapter_bin"));
+    let seeds = files(root.join("seeds/load_adapter_bin"))?;
     assert!(!seeds.is_empty());
     for f in seeds {
         load(&std::fs::read(&f)?)
             .expect("framed")
             .map_err(|e| anyhow::anyhow!("{f:?}: {e}"))?;
     }
-    for f in files(root.join("regressions/load_adapter_bin")) {
+    for f in files(root.join("regressions/load_adapter_bin"))? {
         if let Some(Err(e)) = load(&std::fs::read(&f)?) {
             assert!(!e.to_string().contains('\n'), "{f:?}: {e}");
         }

@@ -215,7 +215,7 @@ pub fn fourier_linear(
         let contribution = x.to_dtype(DType::F32)?.matmul(&dw.t()?);
         return half::add_in_f32(&base, [contribution.map_err(Error::from)]);
     }
-    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.map_or(true, cpu_f32)) {
+    if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.is_none_or(cpu_f32)) {
         let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
         let w = add_to_frozen(&dw, weight)?;
         let y = x.matmul(&w.t()?)?;

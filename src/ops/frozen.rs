@@ -75,7 +75,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     if x.track_op() && x.device().is_cpu() {
         crate::runtime::ensure_training_policy();
     }
-    if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.map_or(true, cpu_f32) {
+    if x.rank() == 2 && cpu_f32(x) && cpu_f32(&weight) && bias.is_none_or(cpu_f32) {
         return frozen_linear_cpu(x, &weight, bias);
     }
     if x.rank() == 2 && x.device().is_cpu() && super::half::is_half(weight.dtype()) {

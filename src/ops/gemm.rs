@@ -1,18 +1,7 @@
 //! f32 matrix products on CPU through the `gemm` crate (the kernels behind candle's CPU matmul),
 //! on checked strided views: the fused ops accumulate into a bias-initialised output and read
 //! transposed operands through strides, so no copy, broadcast pass or zero-filled buffer is
-//! needed. Public for custom CPU ops built on the crate (the demo encoder's attention uses it
-//! for its per-head products).
-//!
-//! ```
-//! use fourierft::ops::gemm::{matmul_into, Mat};
-//! let a = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
-//! let mut c = [0f32; 4];
-//! // c = a·aᵀ (2×2), on the calling thread.
-//! matmul_into(&mut c, 2, Mat::new("a", &a, 2, 3)?, Mat::new("a", &a, 2, 3)?.t(), false, 1)?;
-//! assert_eq!(c, [14.0, 32.0, 32.0, 77.0]);
-//! # Ok::<(), fourierft::Error>(())
-//! ```
+//! needed. Crate-private: only the fused ops use it.
 
 use crate::error::{Error, Result};
 use candle_core::Layout;
@@ -20,7 +9,7 @@ use candle_core::Layout;
 /// A read-only strided view of an f32 buffer: element `(i, j)` is
 /// `data[i·row_stride + j·col_stride]`, checked on construction to stay inside `data`.
 #[derive(Clone, Copy, Debug)]
-pub struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -41,13 +30,13 @@ fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Opt
 
 impl<'a> Mat<'a> {
     /// A contiguous row-major `rows × cols` matrix (`what` names it in errors).
-    pub fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+    pub(crate) fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
         Self::strided(what, data, rows, cols, cols, 1)
     }
 
     /// A strided view: element `(i, j)` at `data[i·row_stride + j·col_stride]`. An
     /// [`Error::Shape`] if it would reach past `data`.
-    pub fn strided(
+    pub(crate) fn strided(
         what: &str,
         data: &'a [f32],
         rows: usize,
@@ -88,17 +77,12 @@ impl<'a> Mat<'a> {
     }
 
     /// Number of rows.
-    pub fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.rows
     }
 
-    /// Number of columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// The transpose (a view; nothing is copied).
-    pub fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -109,14 +93,14 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = a·b`, or `dst += a·b` with `accumulate`, where `dst` holds the `a.rows() × b.cols()`
+/// `dst = a·b`, or `dst += a·b` with `accumulate`, where `dst` holds the `a.rows × b.cols`
 /// result row-major with `dst_row_stride ≥ b.cols()` values per row (so it can be a column block
 /// of a wider matrix), on `threads` of rayon's threads (1: the calling thread).
 ///
 /// The crate's one `unsafe` block: the `gemm` crate's entry point takes raw pointers and strides;
 /// every extent is checked here first.
 #[allow(unsafe_code)]
-pub fn matmul_into(
+pub(crate) fn matmul_into(
     dst: &mut [f32],
     dst_row_stride: usize,
     a: Mat,

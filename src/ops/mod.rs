@@ -1,13 +1,13 @@
 //! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the adapted
 //! layer's forward in one op ([`fourier_linear`]), the spectral product `x·ΔWᵀ` that never forms
 //! ΔW ([`spectral_linear`]), and operations on a frozen weight whose backward skips it
-//! ([`frozen_linear`], [`add_to_frozen`]); [`gemm`] is the checked strided f32 GEMM under the
-//! fused ops.
+//! ([`frozen_linear`], [`add_to_frozen`]). A crate-private checked strided f32 GEMM (`gemm`) runs
+//! under the fused ops.
 
 mod delta_weight;
 mod fourier_linear;
 mod frozen;
-pub mod gemm;
+mod gemm;
 pub(crate) mod half;
 mod spectral_linear;
 

@@ -28,7 +28,7 @@ pub fn prefix_hint<'a>(
         let mut tail = wanted.as_str();
         loop {
             if name == tail || name.ends_with(&format!(".{tail}")) {
-                if best.map_or(true, |(len, _)| tail.len() > len) {
+                if best.is_none_or(|(len, _)| tail.len() > len) {
                     best = Some((tail.len(), name));
                 }
                 break;

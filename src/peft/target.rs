@@ -272,7 +272,7 @@ impl ModuleMatcher {
             Selector::Names(names) if names.iter().any(|n| n == path) => true,
             Selector::Names(names) => {
                 names.iter().any(|n| ends_with_dot(path, n))
-                    && self.layers.as_ref().map_or(true, |l| l.allows(path))
+                    && self.layers.as_ref().is_none_or(|l| l.allows(path))
             }
         }
     }

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use rustfft::num_complex::Complex32;
 
 fn check(what: &str, found: usize, per_token: usize) -> Result<usize> {
-    if per_token == 0 || found % per_token != 0 {
+    if per_token == 0 || !found.is_multiple_of(per_token) {
         return Err(Error::Shape {
             what: what.into(),
             expected: format!("(tokens, {per_token}) flattened"),

@@ -38,7 +38,7 @@ pub(crate) fn add_hermitian(h: &mut [Complex32], u: usize, d: usize, half_val: C
 #[inline]
 pub(crate) fn fix_real_bins(h: &mut [Complex32], d: usize) {
     h[0].im = 0.0;
-    if d % 2 == 0 {
+    if d.is_multiple_of(2) {
         let last = h.len() - 1;
         h[last].im = 0.0;
     }

@@ -144,3 +144,25 @@ pub fn assert_near(found: &[f64], want: &[f64], rel: f64, what: &str) {
         "{what}: max error {worst:e} > {rel:e} x {scale:e}"
     );
 }
+
+/// A tensor of normal(0, std) f32 values from a generator seeded with `seed`, so that every run
+/// of a test sees the same data (candle's CPU `randn` cannot be seeded).
+pub fn randn(
+    seed: u64,
+    std: f32,
+    shape: impl Into<candle_core::Shape>,
+) -> anyhow::Result<candle_core::Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let shape = shape.into();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = rand_distr::Normal::new(0f32, std)?;
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| normal.sample(&mut rng))
+        .collect();
+    Ok(candle_core::Tensor::from_vec(
+        v,
+        shape,
+        &candle_core::Device::Cpu,
+    )?)
+}

@@ -1,0 +1,251 @@
+//! GELU (erf form) as one op, and the BERT sub-blocks as fused ops with hand-written backwards:
+//! the FFN's first projection + GELU ([`linear_gelu`]), and a projection + residual + layer norm
+//! ([`residual_norm`], the attention-output and FFN-output sub-blocks).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+
+use crate::gemm::{par_gemm_acc, Mat};
+use crate::kernels::{gelu_grad_par, gelu_par};
+use crate::linear::{bias_vec, rows_plus_bias, FrozenLinear};
+use crate::norm::LayerNorm;
+use crate::profile;
+use crate::storage::{cpu_f32, to_candle, with_f32};
+
+/// GELU (erf form, as BERT's "gelu") with a one-pass backward.
+#[derive(Debug, Clone, Copy)]
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        gelu_par(&mut y, x);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = with_f32(x, |x| {
+            with_f32(g, |g| {
+                let mut dx = vec![0f32; x.len()];
+                gelu_grad_par(&mut dx, x, g);
+                Ok(dx)
+            })
+        })
+        .map_err(to_candle)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// GELU (erf form) elementwise, as one op with a one-pass backward.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+/// `LN(x·Wᵀ + b + r)` — a frozen projection, the residual add and layer norm — as one op (the
+/// attention-output and FFN-output sub-blocks), for `x` `(tokens, in)` and `r` `(tokens, out)`.
+/// The backward, from the saved pre-norm sum `z`: `g_z = LN′(z)ᵀ·g`, `dL/dx = g_z·W`,
+/// `dL/dr = g_z`. As separate nodes (linear, add, norm) candle would also zero-fill and
+/// accumulate a gradient buffer per node.
+struct ResidualNorm {
+    proj: FrozenLinear,
+    norm: LayerNorm,
+    z: std::sync::OnceLock<Vec<f32>>,
+    /// The profile's name for the backward.
+    kind: &'static str,
+}
+
+impl candle_core::CustomOp2 for ResidualNorm {
+    fn name(&self) -> &'static str {
+        "linear-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, r) = (
+            cpu_f32(xs, xl, "projection input")?,
+            cpu_f32(rs, rl, "residual")?,
+        );
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = r.len() / out;
+        if x.len() != tokens * inp || r.len() != tokens * out {
+            candle_core::bail!(
+                "residual norm: input {:?}, residual {:?}, weight ({out}, {inp})",
+                xl.dims(),
+                rl.dims()
+            );
+        }
+        let mut z = rows_plus_bias(r, &bias_vec(&self.proj, out)?);
+        with_f32(&self.proj.weight, |w| {
+            par_gemm_acc(&mut z, x, tokens, inp, Mat::new("weight", w, out, inp)?.t())?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let mut y = vec![0f32; z.len()];
+        self.norm.forward_rows(&mut y, &z);
+        let _ = self.z.set(z);
+        Ok((CpuStorage::F32(y), rl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let start = std::time::Instant::now();
+        let z = self
+            .z
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = z.len() / out;
+        let mut gz = vec![0f32; z.len()];
+        with_f32(g, |g| {
+            self.norm.backward_rows(&mut gz, z, g);
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        profile::subnormals(self.kind, &gz);
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; tokens * inp];
+            with_f32(&self.proj.weight, |w| {
+                par_gemm_acc(&mut dx, &gz, tokens, out, Mat::new("weight", w, out, inp)?)?;
+                Ok(())
+            })
+            .map_err(to_candle)?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dr = if r.track_op() {
+            Some(Tensor::from_vec(gz, r.shape(), r.device())?)
+        } else {
+            None
+        };
+        if profile::enabled() {
+            profile::add(self.kind, start.elapsed());
+        }
+        Ok((dx, dr))
+    }
+}
+
+/// `LN(x·Wᵀ + b + r)` for `x` `(..., in)` and `r` `(..., out)` ([`ResidualNorm`]).
+pub fn residual_norm(
+    proj: &FrozenLinear,
+    norm: &LayerNorm,
+    x: &Tensor,
+    r: &Tensor,
+) -> candle_core::Result<Tensor> {
+    residual_norm_kind(proj, norm, x, r, "attn out + norm (bwd)")
+}
+
+/// [`residual_norm`] with the profile's name for its backward.
+pub(crate) fn residual_norm_kind(
+    proj: &FrozenLinear,
+    norm: &LayerNorm,
+    x: &Tensor,
+    r: &Tensor,
+    kind: &'static str,
+) -> candle_core::Result<Tensor> {
+    let op = ResidualNorm {
+        proj: proj.clone(),
+        norm: norm.clone(),
+        z: std::sync::OnceLock::new(),
+        kind,
+    };
+    let x2 = x.reshape(((), x.dim(D::Minus1)?))?.contiguous()?;
+    x2.apply_op2(&r.contiguous()?, op)
+}
+
+/// `gelu(x·Wᵀ + b)` — the FFN's first projection and activation — as one op, for `x`
+/// `(tokens, in)`; the backward `dL/dx = (g∘gelu′(p))·W` uses the saved pre-activation `p`.
+struct LinearGelu {
+    proj: FrozenLinear,
+    pre: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl CustomOp1 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "linear-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "linear-gelu input")?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = x.len() / inp;
+        if x.len() != tokens * inp {
+            candle_core::bail!("linear-gelu: input {:?}, weight ({out}, {inp})", l.dims());
+        }
+        let mut pre = rows_plus_bias(&vec![0f32; tokens * out], &bias_vec(&self.proj, out)?);
+        with_f32(&self.proj.weight, |w| {
+            par_gemm_acc(
+                &mut pre,
+                x,
+                tokens,
+                inp,
+                Mat::new("weight", w, out, inp)?.t(),
+            )?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let mut y = vec![0f32; pre.len()];
+        gelu_par(&mut y, &pre);
+        profile::subnormals("FFN in + GELU (fwd)", &y);
+        let _ = self.pre.set(pre);
+        Ok((CpuStorage::F32(y), Shape::from((tokens, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let start = std::time::Instant::now();
+        let pre = self
+            .pre
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
+        let (out, inp) = self.proj.weight.dims2()?;
+        let tokens = pre.len() / out;
+        let mut dpre = vec![0f32; pre.len()];
+        let mut dx = vec![0f32; tokens * inp];
+        with_f32(g, |g| {
+            gelu_grad_par(&mut dpre, pre, g);
+            profile::subnormals("FFN in + GELU (bwd)", &dpre);
+            with_f32(&self.proj.weight, |w| {
+                par_gemm_acc(
+                    &mut dx,
+                    &dpre,
+                    tokens,
+                    out,
+                    Mat::new("weight", w, out, inp)?,
+                )?;
+                Ok(())
+            })
+        })
+        .map_err(to_candle)?;
+        if profile::enabled() {
+            profile::add("FFN in + GELU (bwd)", start.elapsed());
+        }
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `gelu(x·Wᵀ + b)` for `x` `(..., in)` ([`LinearGelu`]).
+pub fn linear_gelu(proj: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tensor> {
+    let op = LinearGelu {
+        proj: proj.clone(),
+        pre: std::sync::OnceLock::new(),
+    };
+    let mut dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    let x2 = x.reshape(((), dims[last]))?.contiguous()?;
+    dims[last] = proj.weight.dim(0)?;
+    x2.apply_op1(op)?.reshape(dims)
+}
