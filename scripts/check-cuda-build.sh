@@ -4,12 +4,13 @@
 # under target/, and candle's kernels are compiled to PTX for compute capability
 # $CUDA_COMPUTE_CAP (default 90) without querying a device.
 #
-#   scripts/check-cuda-build.sh                 cargo check --features cuda --lib
-#   scripts/check-cuda-build.sh --all-targets   also tests, examples and benches
+#   scripts/check-cuda-build.sh          cargo check --features cuda,cli --all-targets
+#                                        (library, tests, examples, benches; extra args are passed on)
 #
 # A full `cargo build` would also link; the library loads libcuda at run time (cudarc's dynamic
 # loading), so `check` is what can be verified here. It runs separately from .ci/run because it
-# builds candle a second time (about 10 minutes on 2 cores).
+# builds candle and its CUDA kernels a second time (library: ~15 min on an idle 2-core machine;
+# all targets: ~50 min there under load; docs/DEVICES.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=target/cuda-venv
