@@ -85,17 +85,19 @@
 //! spectrum of another length, the same module asked for with two shapes), or a loaded adapter
 //! whose modules the model never loaded.
 
-use crate::config::{shown_selector, Bias, FourierFTConfig};
-use crate::error::{dims_str, Error, Result};
-use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
-use crate::ops::DeltaWeight;
+mod serving;
+mod step;
+
+use serving::{supported, TrainBackend};
+use step::add_delta;
+
+use crate::config::FourierFTConfig;
+use crate::error::{Error, Result};
+use crate::layer::{Adapter, DEFAULT_ADAPTER};
 use crate::peft::{ModuleMatcher, PeftAdapter};
-use crate::serve::{Request, Serve};
-use crate::spectral::fft;
 use crate::sync::lock;
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarBuilder};
+use candle_core::{Tensor, Var};
+use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -182,7 +184,7 @@ fn copy_error(e: &Error) -> Error {
 
 impl StockTrainer {
     /// A new adapter named `"default"` with `config` (coefficients initialised per
-    /// `init_weights` / `init_seed`, as [`FourierLinear::add_adapter`] does).
+    /// `init_weights` / `init_seed`, as [`FourierLinear::add_adapter`](crate::FourierLinear::add_adapter) does).
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid configuration, one without `target_modules`, or one
@@ -260,152 +262,6 @@ impl StockTrainer {
         lock(&self.inner.state)
     }
 
-    /// Serves base tensor `name`: adapted when its module is targeted.
-    fn serve(&self, name: &str, t: Tensor) -> Tensor {
-        let mut st = self.state();
-        if t.rank() == 2 {
-            st.requested.push(name.to_string());
-        }
-        let Some(path) = name.strip_suffix(".weight") else {
-            return t.detach();
-        };
-        if !self.inner.matcher.is_target(path) {
-            return t.detach();
-        }
-        match self.adapt(&mut st, path, name, &t) {
-            Ok(w) => w,
-            Err(e) => {
-                if st.error.is_none() {
-                    st.error = Some(e);
-                }
-                t.detach()
-            }
-        }
-    }
-
-    fn adapt(&self, st: &mut State, path: &str, name: &str, w0: &Tensor) -> Result<Tensor> {
-        if let Some(layer) = st.layers.get(path) {
-            if layer.weight.dims() != w0.dims() {
-                return Err(Error::Shape {
-                    what: format!("{path}: adapted weight {name:?} asked for again"),
-                    expected: dims_str(layer.weight.dims()),
-                    found: dims_str(w0.dims()),
-                });
-            }
-            return Ok(layer.weight.as_tensor().clone());
-        }
-        if w0.rank() != 2 {
-            return Err(Error::Shape {
-                what: format!("{path}: targeted weight {name:?} (FourierFT adapts linear layers)"),
-                expected: "a 2-D (out_features, in_features) matrix".into(),
-                found: dims_str(w0.dims()),
-            });
-        }
-        if w0.dtype() != DType::F32 {
-            return Err(Error::DType {
-                what: format!("{path}: adapted weight {name:?} (load the base in f32 to train)"),
-                expected: "f32".into(),
-                found: w0.dtype(),
-            });
-        }
-        let config = FourierFTConfig {
-            n_frequency: self.inner.matcher.n_frequency(path),
-            fan_in_fan_out: false,
-            ..self.config().clone()
-        };
-        let adapter_name = &self.inner.name;
-        let layer = FourierLinear::from_parts(w0.clone(), None, false)?.with_name(path);
-        match &self.inner.loaded {
-            Some(adapter) => {
-                let spectrum = adapter
-                    .spectrum(path)
-                    .ok_or_else(|| adapter.missing_spectrum(path, ""))?;
-                if spectrum.dims() != [config.n_frequency] {
-                    return Err(Error::Shape {
-                        what: format!(
-                            "{path}: saved fourierft_spectrum for the {:?} weight",
-                            w0.dims()
-                        ),
-                        expected: format!("[{}]", config.n_frequency),
-                        found: dims_str(spectrum.dims()),
-                    });
-                }
-                layer.add_adapter(
-                    adapter_name,
-                    &FourierFTConfig {
-                        init_weights: true,
-                        ..config
-                    },
-                )?;
-                layer.set_spectrum(adapter_name, spectrum)?;
-            }
-            None => layer.add_adapter(adapter_name, &config)?,
-        }
-        let adapter = layer.adapter(adapter_name)?;
-        let applied = adapter.spectrum().as_tensor().to_vec1::<f32>()?;
-        let w = (w0.detach() + adapter.delta_weight()?.to_device(w0.device())?)?;
-        let weight = Var::from_tensor(&w)?;
-        let served = weight.as_tensor().clone();
-        st.layers.insert(
-            path.to_string(),
-            TrainedLayer {
-                weight_name: name.to_string(),
-                weight,
-                adapter,
-                applied,
-            },
-        );
-        Ok(served)
-    }
-
-    /// Checks the model built through [`var_builder`](Self::var_builder): nothing went wrong
-    /// while serving weights, the configuration matched at least one weight, a loaded adapter's
-    /// modules were all loaded, and gradients can flow through candle-nn's fused ops. Call it
-    /// once the model is built; the training calls repeat the first three checks.
-    ///
-    /// # Errors
-    /// The recorded serving error ([`Error::Shape`], [`Error::DType`], [`Error::EntryCount`],
-    /// [`Error::File`] naming the module); [`Error::Config`] when nothing matched (listing some
-    /// weights the model asked for) or when candle-nn's fused ops have no backward;
-    /// [`Error::File`] naming a module of a loaded adapter the model never loaded.
-    pub fn check(&self) -> Result<()> {
-        self.check_state(&self.state())?;
-        fused_ops_have_backward()
-    }
-
-    fn check_state(&self, st: &State) -> Result<()> {
-        if let Some(e) = &st.error {
-            return Err(copy_error(e));
-        }
-        if st.layers.is_empty() {
-            let shown: Vec<&String> = st.requested.iter().take(8).collect();
-            return Err(Error::Config(format!(
-                "target_modules {} matched none of the {} weight matrices the model asked for \
-                 (e.g. {shown:?})",
-                shown_selector(self.config().target_modules.as_ref()),
-                st.requested.len()
-            )));
-        }
-        if let Some(adapter) = &self.inner.loaded {
-            if let Some(path) = adapter
-                .spectra()
-                .keys()
-                .find(|p| !st.layers.contains_key(*p))
-            {
-                return Err(Error::File {
-                    path: adapter
-                        .source()
-                        .map_or_else(|| PathBuf::from("adapter"), Path::to_path_buf),
-                    message: format!(
-                        "module {path:?} has a saved spectrum but the model never loaded \
-                         \"{path}.weight\"; the adapter does not fit this model"
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Paths of the adapted modules, sorted.
     pub fn layer_paths(&self) -> Vec<String> {
         self.state().layers.keys().cloned().collect()
@@ -441,80 +297,6 @@ impl StockTrainer {
     /// or `None` when it is not adapted.
     pub fn state_bytes(&self, path: &str) -> Option<usize> {
         self.state().layers.get(path).map(|l| 16 * l.applied.len())
-    }
-
-    /// `loss.backward()` with each adapted weight's gradient turned into its spectrum's: the
-    /// returned store holds `dL/dc` for every spectrum (and no `dL/dW`), ready for
-    /// [`Optimizer::step`]. Call [`sync`](Self::sync) after the step.
-    ///
-    /// # Errors
-    /// Those of [`check`](Self::check) (without the fused-op probe); [`Error::MergeState`] when
-    /// unmerged or when a spectrum changed since [`sync`](Self::sync); [`Error::Config`] naming
-    /// a module no gradient reached (e.g. an unpatched candle-nn).
-    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        let st = self.state();
-        self.ready(&st)?;
-        let mut grads = loss.backward()?;
-        for (path, layer) in &st.layers {
-            let Some(g) = grads.remove(layer.weight.as_tensor()) else {
-                return Err(Error::Config(format!(
-                    "{path}: no gradient reached {:?}; the loss does not depend on it, or the \
-                     model's forward goes through an op without backward (candle-nn 0.11's fused \
-                     softmax_last_dim / rms_norm / layer_norm / rope: see fourierft::train)",
-                    layer.weight_name
-                )));
-            };
-            let dc = coeff_grad(&layer.adapter, &g)?;
-            grads.insert(layer.adapter.spectrum().as_tensor(), dc);
-        }
-        Ok(grads)
-    }
-
-    fn ready(&self, st: &State) -> Result<()> {
-        self.check_state(st)?;
-        if st.unmerged {
-            return Err(Error::MergeState {
-                what: format!("adapter {:?}", self.inner.name),
-                message: "unmerged: the model runs W0; merge() before training".into(),
-            });
-        }
-        for (path, layer) in &st.layers {
-            if layer.adapter.spectrum().as_tensor().to_vec1::<f32>()? != layer.applied {
-                return Err(Error::MergeState {
-                    what: path.clone(),
-                    message: "the spectrum changed since its weight was written; call sync() \
-                              after the optimizer step"
-                        .into(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes `W0 + ΔW(c)` for the current spectra into the model's weights (`Var::set`), for
-    /// the modules whose spectrum changed. A no-op while unmerged ([`merge`](Self::merge)
-    /// writes them then).
-    pub fn sync(&self) -> Result<()> {
-        let mut st = self.state();
-        if st.unmerged {
-            return Ok(());
-        }
-        for layer in st.layers.values_mut() {
-            let c = layer.adapter.spectrum().as_tensor().to_vec1::<f32>()?;
-            if c != layer.applied {
-                let delta: Vec<f32> = c.iter().zip(&layer.applied).map(|(a, b)| a - b).collect();
-                add_delta(layer, &delta)?;
-                layer.applied = c;
-            }
-        }
-        Ok(())
-    }
-
-    /// [`backward`](Self::backward), `opt.step`, [`sync`](Self::sync): one training step.
-    pub fn backward_step<O: Optimizer>(&self, opt: &mut O, loss: &Tensor) -> Result<()> {
-        let grads = self.backward(loss)?;
-        opt.step(&grads)?;
-        self.sync()
     }
 
     /// Puts `ΔW(c)` (current spectra) back into the weights after [`unmerge`](Self::unmerge).
@@ -578,128 +360,5 @@ impl StockTrainer {
     /// in `root/<name>`), loadable by `PeftModel.from_pretrained`. Returns the directory.
     pub fn save_pretrained(&self, root: impl AsRef<Path>) -> Result<PathBuf> {
         self.to_adapter()?.save(root, &self.inner.name)
-    }
-}
-
-/// Rejects configurations this trainer cannot honour on stock models.
-fn supported(config: &FourierFTConfig) -> Result<()> {
-    if config.fan_in_fan_out {
-        return Err(Error::Config(
-            "fan_in_fan_out (GPT-2 Conv1D weights stored (in, out)) is not supported by \
-             fourierft::train; use fourierft::inject::conv1d in the model"
-                .into(),
-        ));
-    }
-    if config.bias != Bias::None {
-        return Err(Error::Config(format!(
-            "bias {:?}: fourierft::train trains only the spectra (bias \"none\")",
-            config.bias
-        )));
-    }
-    if config
-        .modules_to_save
-        .as_ref()
-        .is_some_and(|m| !m.is_empty())
-    {
-        return Err(Error::Config(
-            "modules_to_save is not supported by fourierft::train".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// `W += ΔW(delta)` in place.
-fn add_delta(layer: &TrainedLayer, delta: &[f32]) -> Result<()> {
-    let w = layer.weight.as_tensor();
-    let entries = layer.adapter.entries();
-    let scaling = layer.adapter.scaling();
-    let new = if w.device().is_cpu() {
-        let base = w.flatten_all()?.to_vec1::<f32>()?;
-        let v = fft::add_delta_weight(entries, delta, scaling, &base)?;
-        Tensor::from_vec(v, w.shape(), w.device())?
-    } else {
-        let d = Tensor::from_slice(delta, delta.len(), w.device())?;
-        (w + DeltaWeight::new(entries.clone()).forward(&d, scaling)?)?
-    };
-    layer.weight.set(&new)?;
-    Ok(())
-}
-
-/// `dL/dc` from `dL/dW` (the pruned-FFT gradient of ΔW).
-fn coeff_grad(adapter: &Adapter, g: &Tensor) -> Result<Tensor> {
-    let spectrum = adapter.spectrum().as_tensor();
-    if g.device().is_cpu() {
-        let gv = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let dc = fft::delta_weight_grad(adapter.entries(), &gv, adapter.scaling())?;
-        return Ok(Tensor::from_vec(dc, dc_len(adapter), spectrum.device())?);
-    }
-    // Other devices: the delta-weight op's own backward, through a proxy `Σ ΔW ∘ g`.
-    let c = Var::from_tensor(spectrum)?;
-    let dw =
-        DeltaWeight::new(adapter.entries().clone()).forward(c.as_tensor(), adapter.scaling())?;
-    let proxy = (dw * g.detach().to_dtype(DType::F32)?)?.sum_all()?;
-    let grads = proxy.backward()?;
-    grads
-        .get(c.as_tensor())
-        .cloned()
-        .ok_or_else(|| Error::Config("delta-weight op produced no gradient".into()))
-}
-
-fn dc_len(adapter: &Adapter) -> usize {
-    adapter.entries().len()
-}
-
-/// Whether candle-nn's fused ops used by stock models record a backward in this build.
-fn fused_ops_have_backward() -> Result<()> {
-    let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::new(&[[0.5f32, -1.0, 2.0, 0.25]], &dev)?)?;
-    let alpha = Tensor::ones(4, DType::F32, &dev)?;
-    let beta = Tensor::zeros(4, DType::F32, &dev)?;
-    let probes: [(&str, Tensor); 3] = [
-        (
-            "softmax_last_dim",
-            candle_nn::ops::softmax_last_dim(x.as_tensor())?,
-        ),
-        (
-            "rms_norm",
-            candle_nn::ops::rms_norm(x.as_tensor(), &alpha, 1e-5)?,
-        ),
-        (
-            "layer_norm",
-            candle_nn::ops::layer_norm(x.as_tensor(), &alpha, &beta, 1e-5)?,
-        ),
-    ];
-    let w = Tensor::new(&[[1.0f32, -2.0, 3.0, 0.5]], &dev)?;
-    for (name, y) in probes {
-        let reached = (y * &w)?
-            .sum_all()?
-            .backward()?
-            .get(x.as_tensor())
-            .is_some();
-        if !reached {
-            return Err(Error::Config(format!(
-                "candle-nn's fused {name} records no backward in this build, so stock models \
-                 pass no gradient to their layers; patch candle-nn as this crate's Cargo.toml \
-                 does ([patch.crates-io] candle-nn = {{ path = \"vendor/candle-nn\" }})"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The backend behind [`StockTrainer::var_builder`].
-struct TrainBackend<'a> {
-    base: VarBuilder<'a>,
-    trainer: StockTrainer,
-}
-
-impl Serve for TrainBackend<'_> {
-    fn base(&self) -> &VarBuilder<'_> {
-        &self.base
-    }
-
-    fn serve(&self, req: Request) -> candle_core::Result<Tensor> {
-        let t = req.base(req.dtype)?.to_device(req.device)?;
-        Ok(self.trainer.serve(req.name, t))
     }
 }
