@@ -13,6 +13,7 @@ mod adapter;
 mod io;
 mod merge;
 mod orientation;
+mod parse;
 mod pickle;
 mod prefix;
 mod target;
