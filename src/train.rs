@@ -35,7 +35,7 @@
 //! **once** — caches, rotary tables and all — and trains like any candle model: its forward is
 //! the stock forward with plain weights. After `loss.backward()`,
 //! [`backward`](StockTrainer::backward) turns each adapted weight's `dL/dW` into `dL/dc` with
-//! the pruned-FFT gradient ([`crate::spectral::fft::delta_weight_grad`]: no dense spectrum),
+//! the pruned-FFT gradient (`spectral::fft::delta_weight_grad`: no dense spectrum),
 //! replacing `dL/dW` in the gradient store; the optimizer steps the spectra `c`; and
 //! [`sync`](StockTrainer::sync) writes the new weights into the `Var`s with `Var::set` as
 //! `W += ΔW(c_new − c_applied)` (ΔW is linear in c), so `W0` needs no second copy.
@@ -87,7 +87,7 @@
 
 use crate::config::{shown_selector, Bias, FourierFTConfig};
 use crate::error::{dims_str, Error, Result};
-use crate::layer::{Adapter, FourierLinear, DEFAULT_ADAPTER};
+use crate::layer::{FourierLinear, LayerAdapter, DEFAULT_ADAPTER};
 use crate::ops::DeltaWeight;
 use crate::peft::{ModuleMatcher, PeftAdapter};
 use crate::serve::{Request, Serve};
@@ -133,7 +133,7 @@ struct State {
 struct TrainedLayer {
     weight_name: String,
     weight: Var,
-    adapter: Adapter,
+    adapter: LayerAdapter,
     /// The coefficients whose ΔW the weight holds (when merged).
     applied: Vec<f32>,
 }
@@ -626,7 +626,7 @@ fn add_delta(layer: &TrainedLayer, delta: &[f32]) -> Result<()> {
 }
 
 /// `dL/dc` from `dL/dW` (the pruned-FFT gradient of ΔW).
-fn coeff_grad(adapter: &Adapter, g: &Tensor) -> Result<Tensor> {
+fn coeff_grad(adapter: &LayerAdapter, g: &Tensor) -> Result<Tensor> {
     let spectrum = adapter.spectrum().as_tensor();
     if g.device().is_cpu() {
         let gv = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -645,7 +645,7 @@ fn coeff_grad(adapter: &Adapter, g: &Tensor) -> Result<Tensor> {
         .ok_or_else(|| Error::Config("delta-weight op produced no gradient".into()))
 }
 
-fn dc_len(adapter: &Adapter) -> usize {
+fn dc_len(adapter: &LayerAdapter) -> usize {
     adapter.entries().len()
 }
 

@@ -5,7 +5,7 @@
 //! for its per-head products).
 //!
 //! ```
-//! use fourierft::ops::gemm::{matmul_into, Mat};
+//! use fourierft::internals::gemm::{matmul_into, Mat};
 //! let a = [1f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // 2×3
 //! let mut c = [0f32; 4];
 //! // c = a·aᵀ (2×2), on the calling thread.

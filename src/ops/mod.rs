@@ -1,12 +1,17 @@
 //! candle operations with autograd: ΔW from the coefficients ([`delta_weight`]), the adapted
 //! layer's forward in one op ([`fourier_linear`]), the spectral product `x·ΔWᵀ` that never forms
 //! ΔW ([`spectral_linear`]), and operations on a frozen weight whose backward skips it
-//! ([`frozen_linear`], [`add_to_frozen`]); [`gemm`] is the checked strided f32 GEMM under the
-//! fused ops.
+//! ([`frozen_linear`], [`add_to_frozen`]).
+//!
+//! Argument order: the input first (`x`), then the layer's tensors, then the adapter's entries,
+//! coefficients and `scaling` (PEFT's name for α in the paper).
 
 mod delta_weight;
 mod fourier_linear;
 mod frozen;
+// Crate-internal; `pub` and hidden only for the BERT demo until it moves to its own crate
+// (it should use `fourierft::internals::gemm`).
+#[doc(hidden)]
 pub mod gemm;
 pub(crate) mod half;
 mod spectral_linear;
