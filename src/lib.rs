@@ -141,8 +141,8 @@
 //!   merge/unmerge, [`ForwardMode`] and mixed-adapter batches.
 //! - [`peft`]: PEFT's adapter directories (config matching, load, save, merge into a checkpoint).
 //! - [`inject`]: model-level injection of FourierLinear layers by module path.
-//! - [`backend`]: [`MergedBackend`].
-//! - [`train`]: [`StockTrainer`].
+//! - [`backend`]: [`MergedBackend`], merged weights for an unmodified model.
+//! - [`train`]: [`StockTrainer`], training an adapter on an unmodified model.
 //! - [`runtime`]: the CPU training policy (subnormals flushed to zero, freed buffers reused).
 //!
 //! # Errors and untrusted input

@@ -105,7 +105,7 @@ fn assert_valid(e: &SpectralEntries, d1: usize, d2: usize, n: usize) {
 }
 
 fn assert_groups_consistent(e: &SpectralEntries) {
-    let g = fourierft::internals::column_groups(&e);
+    let g = fourierft::internals::column_groups(e);
     assert_eq!(g.offsets.len(), g.columns.len() + 1);
     assert_eq!(g.offsets.first(), Some(&0));
     assert_eq!(g.offsets.last(), Some(&e.len()));
