@@ -52,7 +52,7 @@ fn bench(c: &mut Criterion) {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
         // Both sides compute the same ΔW.
-        let a = fourierft::spectral::fft::delta_weight(&e, &coeffs, 150.0).expect("dw");
+        let a = fourierft::internals::fft::delta_weight(&e, &coeffs, 150.0).expect("dw");
         let b = dense_complex_baseline(d, d, e.rows(), e.cols(), &coeffs, 150.0);
         let max = b.iter().fold(0f32, |m, x| m.max(x.abs()));
         let err = a
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
         );
         group.bench_with_input(BenchmarkId::new("pruned_real", d), &d, |b, _| {
             b.iter(|| {
-                fourierft::spectral::fft::delta_weight(&e, black_box(&coeffs), 150.0).expect("dw")
+                fourierft::internals::fft::delta_weight(&e, black_box(&coeffs), 150.0).expect("dw")
             })
         });
         group.bench_with_input(BenchmarkId::new("dense_complex_ifft2", d), &d, |b, _| {
@@ -76,7 +76,8 @@ fn bench(c: &mut Criterion) {
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
                 .collect();
             b.iter(|| {
-                fourierft::spectral::fft::delta_weight_grad(&e, black_box(&g), 150.0).expect("grad")
+                fourierft::internals::fft::delta_weight_grad(&e, black_box(&g), 150.0)
+                    .expect("grad")
             })
         });
     }

@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion) {
         let coeffs = Var::randn(0f32, 1.0, n, &Device::Cpu).expect("coeffs");
         let x = Tensor::randn(0f32, 1.0, (tokens, d), &Device::Cpu).expect("x");
         let spectral =
-            || ops::spectral_linear(&e, coeffs.as_tensor(), 150.0, &x).expect("spectral");
+            || ops::spectral_linear(&x, &e, coeffs.as_tensor(), 150.0).expect("spectral");
         let dense = || {
             let dw = ops::delta_weight(&e, coeffs.as_tensor(), 150.0).expect("dw");
             x.matmul(&dw.t().expect("t")).expect("matmul")

@@ -195,7 +195,7 @@ fn batch(
 /// `W0 + ΔW(c)` graph tensors (gradient to c through the delta-weight op), model rebuilt per step.
 struct GraphBackend {
     base: VarBuilder<'static>,
-    adapters: std::collections::HashMap<String, fourierft::Adapter>,
+    adapters: std::collections::HashMap<String, fourierft::LayerAdapter>,
 }
 
 impl candle_nn::var_builder::SimpleBackend for GraphBackend {

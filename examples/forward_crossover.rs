@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         let layer = FourierLinear::new(base, &cfg)?;
         let entries = layer.adapter("default")?.entries().clone();
         // The distinct spectrum columns the entries reach, for the dense cost (mode.rs).
-        let columns = entries.column_groups().columns.len();
+        let columns = fourierft::internals::column_groups(&entries).columns.len();
         let (mut measured, mut model) = (None, None);
         let mut tokens = 1;
         while tokens <= args.max_tokens {

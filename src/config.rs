@@ -35,7 +35,7 @@ pub const PEFT_TYPE: &str = "FOURIERFT";
 pub struct FourierFTConfig {
     /// Number of trainable spectral coefficients n per layer.
     pub n_frequency: usize,
-    /// The scale alpha of ΔW.
+    /// The scale of ΔW (α in the paper): `ΔW = scaling/(d1·d2)·Re(IDFT2(E∘c))`.
     pub scaling: f64,
     /// Seed of the entry positions (same seed and shape ⇒ same positions, as in PEFT).
     ///
@@ -355,6 +355,7 @@ impl FourierFTConfig {
 /// [`ModuleMatcher`](crate::peft::ModuleMatcher) for the matching rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum ModuleSelector {
     /// A module matches if its path equals a name or ends with `.name`.
     Names(Vec<String>),
@@ -387,6 +388,7 @@ impl std::fmt::Display for ModuleSelector {
 /// PEFT's `bias` setting: which biases are trained and saved with the adapter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Bias {
     /// No bias is trained (PEFT's default).
     #[default]

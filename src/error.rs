@@ -20,6 +20,7 @@ use std::path::PathBuf;
 /// }
 /// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The number of spectral entries is impossible for the layer shape.
     #[error("{context}: n_frequency must be in 1..={max} for a {d1}x{d2} layer, found {n}")]

@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 /// What happens to subnormal f32/f64 values on the CPU threads that train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubnormalPolicy {
     /// Flush-to-zero and denormals-are-zero on (the default for training).
     FlushToZero,

@@ -5,8 +5,8 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use common::{assert_close, lcg_coeffs, reference_delta_weight};
+use fourierft::internals::fft;
 use fourierft::ops::DeltaWeight;
-use fourierft::spectral::fft;
 use fourierft::SpectralEntries;
 
 /// Odd, even, prime, non-square, 1×N and N×1 shapes.
@@ -57,8 +57,7 @@ fn both_paths_match_f64_reference_on_many_shapes() -> anyhow::Result<()> {
             let via_op = op.forward(&ct, alpha)?.flatten_all()?.to_vec1::<f32>()?;
             assert_close(&via_op, &want, 1e-5, &format!("op {what}"));
 
-            let portable = op
-                .forward_portable(&ct, alpha)?
+            let portable = fourierft::internals::delta_weight_portable(op.entries(), &ct, alpha)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             assert_close(&portable, &want, 1e-5, &format!("portable {what}"));
@@ -120,7 +119,7 @@ fn loss(
     portable: bool,
 ) -> candle_core::Result<Tensor> {
     let dw = if portable {
-        op.forward_portable(c, alpha)
+        fourierft::internals::delta_weight_portable(op.entries(), c, alpha)
     } else {
         op.forward(c, alpha)
     };
@@ -224,7 +223,8 @@ fn gradient_of_large_layer_matches_portable_path() -> anyhow::Result<()> {
     let g_fft = (op.forward(c.as_tensor(), 150.0)? * &w)?
         .sum_all()?
         .backward()?;
-    let g_por = (op.forward_portable(c.as_tensor(), 150.0)? * &w)?
+    let g_por = (fourierft::internals::delta_weight_portable(op.entries(), c.as_tensor(), 150.0)?
+        * &w)?
         .sum_all()?
         .backward()?;
     let a = g_fft

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fourierft::entries::torch_rng::{randperm_prefix, Mt19937};
+use fourierft::internals::torch_rng::{randperm_prefix, Mt19937};
 use fourierft::{EntrySampling, Error, SpectralEntries};
 
 const SEED: u64 = 777;
@@ -105,7 +105,7 @@ fn assert_valid(e: &SpectralEntries, d1: usize, d2: usize, n: usize) {
 }
 
 fn assert_groups_consistent(e: &SpectralEntries) {
-    let g = e.column_groups();
+    let g = fourierft::internals::column_groups(e);
     assert_eq!(g.offsets.len(), g.columns.len() + 1);
     assert_eq!(g.offsets.first(), Some(&0));
     assert_eq!(g.offsets.last(), Some(&e.len()));
@@ -262,7 +262,7 @@ fn explicit_entries_keep_order() {
     assert_eq!(e.rows(), [2, 0, 4, 1]);
     assert_eq!(e.cols(), [3, 0, 3, 2]);
     assert_eq!(e.flat_indices(), [11, 0, 19, 6]);
-    let g = e.column_groups();
+    let g = fourierft::internals::column_groups(&e);
     assert_eq!(g.columns, [0, 2, 3]);
     assert_eq!(g.offsets, [0, 1, 2, 4]);
     assert_eq!(g.entries, [1, 3, 0, 2]);

@@ -445,7 +445,7 @@ fn negative_seeds_read_as_torch_maps_them() -> anyhow::Result<()> {
         assert!(e.to_string().contains("random_loc_seed"), "{json}: {e}");
     }
     // torch.randperm(20, generator=torch.Generator().manual_seed(-1))[:6] (torch 2.15).
-    let p = fourierft::entries::torch_rng::randperm_prefix(20, 6, (-1i64) as u64);
+    let p = fourierft::internals::torch_rng::randperm_prefix(20, 6, (-1i64) as u64);
     assert_eq!(p, [11, 7, 10, 0, 8, 15]);
     Ok(())
 }

@@ -13,9 +13,9 @@ use std::collections::HashSet;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::Linear;
 use common::{lcg_coeffs, reference_delta_weight};
-use fourierft::entries::torch_rng::randperm_prefix;
-use fourierft::ops::{self, DeltaWeight};
-use fourierft::spectral::{fft, forward};
+use fourierft::internals::torch_rng::randperm_prefix;
+use fourierft::internals::{fft, forward};
+use fourierft::ops;
 use fourierft::{FourierFTConfig, FourierLinear, SpectralEntries};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -122,8 +122,7 @@ proptest! {
         assert_near(&got, &want, bound, &format!("fft {d1}x{d2} n={}", e.len()))?;
 
         let ct = Tensor::new(c.as_slice(), &Device::Cpu).expect("tensor");
-        let portable = DeltaWeight::new(e.clone())
-            .forward_portable(&ct, alpha)
+        let portable = fourierft::internals::delta_weight_portable(&e, &ct, alpha)
             .expect("portable path");
         prop_assert_eq!(portable.dims(), &[d1, d2]);
         assert_near(&f32s(&portable), &want, bound, &format!("portable {d1}x{d2} n={}", e.len()))?;
@@ -154,7 +153,7 @@ proptest! {
 
         let xt = Tensor::from_vec(x.clone(), (tokens, d2), &Device::Cpu).expect("x");
         let ct = Tensor::new(c.as_slice(), &Device::Cpu).expect("c");
-        let yt = ops::spectral_linear(&e, &ct, alpha, &xt).expect("spectral_linear");
+        let yt = ops::spectral_linear(&xt, &e, &ct, alpha).expect("spectral_linear");
         prop_assert_eq!(yt.dims(), &[tokens, d1]);
         let dense = xt
             .matmul(&ops::delta_weight(&e, &ct, alpha).expect("ΔW").t().expect("t"))
@@ -244,7 +243,7 @@ proptest! {
         prop_assert_eq!(flat.iter().collect::<HashSet<_>>().len(), n, "duplicates");
         prop_assert!(flat.iter().all(|&f| f < total as u64));
         // The column groups cover every entry once, under its own column.
-        let g = e.column_groups();
+        let g = fourierft::internals::column_groups(&e);
         let mut covered = vec![false; n];
         for (col, members) in g.iter() {
             for &l in members {

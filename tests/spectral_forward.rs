@@ -48,7 +48,7 @@ fn spectral_product_matches_f64_reference() -> anyhow::Result<()> {
                 (0..d1).map(move |j| (0..d2).map(|k| dw[j * d2 + k] * x[t * d2 + k] as f64).sum())
             })
             .collect();
-        let y = fourierft::spectral::forward::forward(&e, &c, 120.0, &x)?;
+        let y = fourierft::internals::forward::forward(&e, &c, 120.0, &x)?;
         assert_close(
             &y,
             &want,
@@ -95,7 +95,7 @@ fn loss(
     x: &Tensor,
     t: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let y = ops::spectral_linear(e, c, 30.0, x).map_err(fourierft::Error::into_candle)?;
+    let y = ops::spectral_linear(x, e, c, 30.0).map_err(fourierft::Error::into_candle)?;
     (y - t)?.sqr()?.sum_all()
 }
 
@@ -310,12 +310,12 @@ fn spectral_op_rejects_bad_input() -> anyhow::Result<()> {
     let e = SpectralEntries::uniform(4, 6, 5, 1)?;
     let c = Tensor::zeros(5, DType::F32, &Device::Cpu)?;
     let bad_x = Tensor::zeros((3, 5), DType::F32, &Device::Cpu)?;
-    let err = ops::spectral_linear(&e, &c, 1.0, &bad_x).expect_err("width");
+    let err = ops::spectral_linear(&bad_x, &e, &c, 1.0).expect_err("width");
     assert!(err.to_string().contains("[3, 5]"), "{err}");
     let bad_c = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
     let x = Tensor::zeros((3, 6), DType::F32, &Device::Cpu)?;
     assert!(matches!(
-        ops::spectral_linear(&e, &bad_c, 1.0, &x),
+        ops::spectral_linear(&x, &e, &bad_c, 1.0),
         Err(fourierft::Error::Shape { .. })
     ));
     Ok(())
@@ -352,7 +352,7 @@ fn reference_coeff_grad(e: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -
 
 #[test]
 fn coefficient_gradient_from_spectra_matches_f64_reference() -> anyhow::Result<()> {
-    use fourierft::spectral::forward::coeff_grad;
+    use fourierft::internals::forward::coeff_grad;
     for &(d1, d2, n) in SHAPES {
         let e = SpectralEntries::uniform(d1, d2, n, 12)?;
         // Token counts around the 64-token blocks of the frequency-major layout.

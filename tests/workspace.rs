@@ -2,7 +2,7 @@
 //! repeated calls and interleaved shapes (a reused buffer's stale contents never leak in).
 
 use candle_core::{DType, Device, Tensor, Var};
-use fourierft::spectral::{fft, forward};
+use fourierft::internals::{fft, forward};
 use fourierft::{ops, SpectralEntries};
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ fn run(d1: usize, d2: usize, tokens: usize, n: usize) -> fourierft::Result<Vec<u
             .ok_or_else(|| fourierft::Error::Config("no gradient".into()))?;
         out.extend(grad.flatten_all()?.to_vec1::<f32>()?);
     }
-    let ys = ops::spectral_linear(&e, c.as_tensor(), 150.0, x.as_tensor())?;
+    let ys = ops::spectral_linear(x.as_tensor(), &e, c.as_tensor(), 150.0)?;
     let gs = ys.sqr()?.sum_all()?.backward()?;
     out.extend(ys.flatten_all()?.to_vec1::<f32>()?);
     out.extend(

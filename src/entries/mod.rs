@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use crate::error::{Error, Result};
 
 mod frequency;
-pub mod torch_rng;
+pub(crate) mod torch_rng;
 
 /// How the `n` spectral positions of an adapter are chosen.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum EntrySampling {
     /// PEFT's choice: the first `n` values of `torch.randperm(d1*d2)` from a generator seeded
     /// with the seed, as flat indices `u*d2 + v`; bit-exact with PEFT. The default.
@@ -67,13 +68,14 @@ pub struct SpectralEntries {
 /// ```
 /// use fourierft::SpectralEntries;
 /// let e = SpectralEntries::explicit(4, 4, &[(0, 3), (1, 0), (2, 3)])?;
-/// let g = e.column_groups();
+/// let g = fourierft::internals::column_groups(&e);
 /// assert_eq!(g.columns, vec![0, 3]);
 /// assert_eq!(g.offsets, vec![0, 1, 3]);
 /// assert_eq!(g.entries, vec![1, 0, 2]);
 /// assert_eq!(g.iter().collect::<Vec<_>>(), vec![(0, &[1][..]), (3, &[0, 2][..])]);
 /// # Ok::<(), fourierft::Error>(())
 /// ```
+#[doc(hidden)]
 #[derive(Debug, PartialEq)]
 pub struct ColumnGroups {
     /// Distinct columns, ascending.
@@ -202,7 +204,7 @@ impl SpectralEntries {
     ///
     /// Shared through a process-wide cache of weak references. Costs `O(n)` when
     /// `d1*d2 < 214,748,364`; at or above that, torch's other `randperm` branch forces `O(d1*d2)`
-    /// time (still `O(n)` memory), see [`torch_rng::randperm_prefix`].
+    /// time (still `O(n)` memory), see `torch_rng::randperm_prefix`.
     ///
     /// # Errors
     /// [`Error::EntryCount`] unless `1 <= n <= d1*d2`; [`Error::Config`] if `d1` or `d2` is
@@ -393,7 +395,7 @@ impl SpectralEntries {
     }
 
     /// The entries grouped by column.
-    pub fn column_groups(&self) -> &ColumnGroups {
+    pub(crate) fn column_groups(&self) -> &ColumnGroups {
         &self.groups
     }
 }

@@ -24,7 +24,7 @@ const LOWER_MASK: u32 = 0x7fff_ffff;
 /// (one tempered draw) and [`Mt19937::next_u64`] is torch's `random64()`.
 ///
 /// ```
-/// use fourierft::entries::torch_rng::Mt19937;
+/// use fourierft::internals::torch_rng::Mt19937;
 /// let mut rng = Mt19937::new(777);
 /// assert_eq!(rng.next_u32(), 655685735);
 /// assert_eq!(rng.next_u32(), 2776480559);
@@ -111,7 +111,7 @@ impl Mt19937 {
 ///   layers with `d1*d2 >= 214,748,364`; expect about a second per such shape in release builds.
 ///
 /// ```
-/// use fourierft::entries::torch_rng::randperm_prefix;
+/// use fourierft::internals::torch_rng::randperm_prefix;
 /// assert_eq!(randperm_prefix(10, 10, 777), vec![5, 9, 0, 3, 1, 7, 4, 8, 6, 2]);
 /// assert_eq!(randperm_prefix(10, 3, 777), vec![5, 9, 0]);
 /// ```

@@ -38,6 +38,10 @@ impl Module for AdaptableLinear {
 /// `candle_nn::linear(in_dim, out_dim, vb)`, adapted when `vb` carries an [`AdapterContext`] that
 /// targets `vb.prefix()`. Weight `(out_dim, in_dim)` and bias `[out_dim]` come from `vb` with
 /// `candle_nn::linear`'s initialisation hints.
+///
+/// This family (`linear`, [`linear_no_bias`], [`linear_b`], [`conv1d`]) adapts only where the
+/// context says; [`fourierft::linear`](crate::linear) (with an explicit configuration) always
+/// builds a [`FourierLinear`].
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<AdaptableLinear> {
     build(in_dim, out_dim, true, false, vb)
 }

@@ -1,4 +1,4 @@
-//! One adapter ([`Adapter`]) and a layer's set of them: adding, activating, disabling,
+//! One adapter ([`LayerAdapter`]) and a layer's set of them: adding, activating, disabling,
 //! deleting, replacing coefficients, and the trainable parameters they make.
 
 use super::handle::FourierLinear;
@@ -10,15 +10,17 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use std::sync::Arc;
 
-/// One adapter: shared entries, trainable coefficients, a scale.
+/// One named adapter of a [`FourierLinear`] (a snapshot handle returned by
+/// [`FourierLinear::adapter`]): its shared entries, trainable coefficients and `scaling`. Not to
+/// be confused with [`PeftAdapter`](crate::PeftAdapter), a whole adapter directory for a model.
 #[derive(Debug, Clone)]
-pub struct Adapter {
+pub struct LayerAdapter {
     pub(super) op: DeltaWeight,
     pub(super) spectrum: Var,
     pub(super) scaling: f64,
 }
 
-impl Adapter {
+impl LayerAdapter {
     /// The adapter's entry positions (shared by layers of the same shape and seed).
     pub fn entries(&self) -> &Arc<SpectralEntries> {
         self.op.entries()
@@ -29,7 +31,7 @@ impl Adapter {
         &self.spectrum
     }
 
-    /// The scale alpha, as applied: `ΔW = alpha/(d1·d2)·Re(IDFT2(E∘c))` (PEFT's `scaling`).
+    /// The scale, as applied: `ΔW = scaling/(d1·d2)·Re(IDFT2(E∘c))` (PEFT's `scaling`).
     pub fn scaling(&self) -> f64 {
         self.scaling
     }
@@ -84,7 +86,7 @@ impl FourierLinear {
                 &device,
             )?)?
         };
-        let adapter = Adapter {
+        let adapter = LayerAdapter {
             op: DeltaWeight::new(entries),
             spectrum,
             scaling: config.scaling,
@@ -104,7 +106,7 @@ impl FourierLinear {
     }
 
     /// The adapter named `name` (a handle: its spectrum is the layer's own [`Var`]).
-    pub fn adapter(&self, name: &str) -> Result<Adapter> {
+    pub fn adapter(&self, name: &str) -> Result<LayerAdapter> {
         let st = self.read();
         st.adapters
             .get(name)
@@ -158,7 +160,7 @@ impl FourierLinear {
     }
 
     /// Removes an adapter (and deactivates it). Not allowed while it is merged.
-    pub fn delete_adapter(&self, name: &str) -> Result<Adapter> {
+    pub fn delete_adapter(&self, name: &str) -> Result<LayerAdapter> {
         let mut st = self.write();
         if st.merged.iter().any(|m| m == name) {
             return Err(Error::MergeState {

@@ -10,6 +10,11 @@ use candle_nn::VarBuilder;
 /// `(out, in)` or `(in, out)` with `fan_in_fan_out`) and `bias` come from `vb`, and an adapter
 /// named `"default"` is attached. The layer is named after `vb`'s prefix.
 ///
+/// This family (`linear`, [`linear_no_bias`], [`linear_b`]) **always** adapts, with the
+/// configuration it is given. [`inject::linear`](crate::inject::linear) takes
+/// `candle_nn::linear`'s exact arguments instead and adapts only the layers an
+/// [`AdapterContext`](crate::AdapterContext) in `vb` targets.
+///
 /// ```
 /// use candle_core::{DType, Device};
 /// use candle_nn::{VarBuilder, VarMap};

@@ -1,7 +1,7 @@
 //! The forward pass: input checks, the dispatch between the frozen base, the fused dense op and
 //! the spectral product ([`ForwardMode`]), and mixed-adapter batches.
 
-use super::adapter::Adapter;
+use super::adapter::LayerAdapter;
 use super::handle::{FourierLinear, State};
 use super::mode::ForwardMode;
 use crate::error::{dims_str, Error, Result};
@@ -48,11 +48,16 @@ impl FourierLinear {
     }
 
     /// `x·ΔWᵀ` of one adapter for `x` `(tokens, in)`, by `mode` (Auto resolved here).
-    fn adapter_forward(&self, adapter: &Adapter, x2: &Tensor, mode: ForwardMode) -> Result<Tensor> {
+    fn adapter_forward(
+        &self,
+        adapter: &LayerAdapter,
+        x2: &Tensor,
+        mode: ForwardMode,
+    ) -> Result<Tensor> {
         let tokens = x2.dim(0)?;
         let entries = adapter.entries();
         if mode.resolve(entries, tokens, x2.device()) == ForwardMode::Spectral {
-            spectral_linear(entries, adapter.spectrum.as_tensor(), adapter.scaling, x2)
+            spectral_linear(x2, entries, adapter.spectrum.as_tensor(), adapter.scaling)
         } else {
             let dw = adapter.delta_weight()?.to_dtype(x2.dtype())?;
             Ok(x2.matmul(&dw.t()?)?)
@@ -91,7 +96,7 @@ impl FourierLinear {
         let tokens = self.check_input(x)?;
         let x2 = x.reshape((tokens, self.in_features))?;
         let st = self.read();
-        let active: Vec<&Adapter> = st
+        let active: Vec<&LayerAdapter> = st
             .active
             .iter()
             .filter_map(|a| st.adapters.get(a))
@@ -111,9 +116,9 @@ impl FourierLinear {
         {
             if let [a] = active[..] {
                 let w = self.weight_out_in(&st.weight)?;
-                let (c, alpha) = (a.spectrum.as_tensor(), a.scaling);
+                let (c, scaling) = (a.spectrum.as_tensor(), a.scaling);
                 let (fused, trained) = split_bias(&st);
-                let y = fourier_linear(&x2, &w, fused, a.entries(), c, alpha)?;
+                let y = fourier_linear(&x2, &w, fused, a.entries(), c, scaling)?;
                 add_bias(y, trained)?
             } else {
                 // One GEMM with W0 + ΔW: its weight gradient is exactly what ΔW's backward needs.

@@ -1,6 +1,6 @@
 //! The [`FourierLinear`] handle: its shared state, constructors and plain accessors.
 
-use super::adapter::Adapter;
+use super::adapter::LayerAdapter;
 use super::mode::ForwardMode;
 use crate::config::FourierFTConfig;
 use crate::error::{dims_str, Error, Result};
@@ -48,7 +48,7 @@ pub(super) struct State {
     /// adapters while merged.
     pub(super) weight: Tensor,
     pub(super) bias: Option<Tensor>,
-    pub(super) adapters: BTreeMap<String, Adapter>,
+    pub(super) adapters: BTreeMap<String, LayerAdapter>,
     pub(super) active: Vec<String>,
     pub(super) disabled: bool,
     pub(super) merged: Vec<String>,

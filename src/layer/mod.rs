@@ -12,7 +12,7 @@ mod handle;
 mod merge;
 mod mode;
 
-pub use adapter::Adapter;
+pub use adapter::LayerAdapter;
 pub(crate) use builders::base_parts;
 pub use builders::{linear, linear_b, linear_no_bias};
 pub use handle::{FourierLinear, DEFAULT_ADAPTER};

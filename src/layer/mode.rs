@@ -1,11 +1,12 @@
 //! [`ForwardMode`] and the cost model `Auto` decides by.
 
-use super::adapter::Adapter;
+use super::adapter::LayerAdapter;
 use crate::entries::SpectralEntries;
 use candle_core::Device;
 
 /// How [`FourierLinear`](super::FourierLinear)'s unmerged forward computes the adapters' contribution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ForwardMode {
     /// Materialise ΔW (pruned real FFT on CPU, tensor ops on GPU) and multiply by `W0 + ΔW`.
     Dense,
@@ -92,7 +93,12 @@ impl ForwardMode {
     }
 
     /// The concrete mode for several adapters forwarded together.
-    pub(super) fn resolve_all(self, adapters: &[&Adapter], tokens: usize, device: &Device) -> Self {
+    pub(super) fn resolve_all(
+        self,
+        adapters: &[&LayerAdapter],
+        tokens: usize,
+        device: &Device,
+    ) -> Self {
         match self {
             ForwardMode::Auto if !device.is_cpu() => ForwardMode::Dense,
             ForwardMode::Auto => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 /// Forward: coefficients `[n]` → ΔW `(d1, d2)` via the pruned real FFT.
 struct DeltaWeightFft {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
 }
 
 impl CustomOp1 for DeltaWeightFft {
@@ -24,7 +24,7 @@ impl CustomOp1 for DeltaWeightFft {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = f32_slice("spectral coefficients", storage, layout)?;
-        let dw = fft::delta_weight(&self.entries, c, self.alpha).map_err(Error::into_candle)?;
+        let dw = fft::delta_weight(&self.entries, c, self.scaling).map_err(Error::into_candle)?;
         Ok((CpuStorage::F32(dw), Shape::from(self.entries.shape())))
     }
 
@@ -36,7 +36,7 @@ impl CustomOp1 for DeltaWeightFft {
     ) -> candle_core::Result<Option<Tensor>> {
         let op = DeltaWeightFftGrad {
             entries: self.entries.clone(),
-            alpha: self.alpha,
+            scaling: self.scaling,
         };
         Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
     }
@@ -45,7 +45,7 @@ impl CustomOp1 for DeltaWeightFft {
 /// Backward: dL/dΔW `(d1, d2)` → dL/dc `[n]`.
 struct DeltaWeightFftGrad {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
 }
 
 impl CustomOp1 for DeltaWeightFftGrad {
@@ -60,7 +60,7 @@ impl CustomOp1 for DeltaWeightFftGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = f32_slice("gradient of ΔW", storage, layout)?;
         let dc =
-            fft::delta_weight_grad(&self.entries, g, self.alpha).map_err(Error::into_candle)?;
+            fft::delta_weight_grad(&self.entries, g, self.scaling).map_err(Error::into_candle)?;
         Ok((CpuStorage::F32(dc), Shape::from(self.entries.len())))
     }
 }
@@ -69,7 +69,7 @@ impl CustomOp1 for DeltaWeightFftGrad {
 struct AddDeltaWeightFft {
     entries: Arc<SpectralEntries>,
     coeffs: Vec<f32>,
-    alpha: f64,
+    scaling: f64,
 }
 
 impl CustomOp1 for AddDeltaWeightFft {
@@ -83,7 +83,7 @@ impl CustomOp1 for AddDeltaWeightFft {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = f32_slice("weight", storage, layout)?;
-        let out = fft::add_delta_weight(&self.entries, &self.coeffs, self.alpha, w)
+        let out = fft::add_delta_weight(&self.entries, &self.coeffs, self.scaling, w)
             .map_err(Error::into_candle)?;
         Ok((CpuStorage::F32(out), Shape::from(self.entries.shape())))
     }
@@ -93,7 +93,7 @@ impl CustomOp1 for AddDeltaWeightFft {
 /// tensor-op path (with bases built once and shared) on CUDA and Metal.
 ///
 /// Both directions are differentiable in the coefficients. The output is f32 `(d1, d2)`:
-/// `ΔW[j,k] = alpha/(d1·d2) · Σ_l c_l cos(2π(u_l j/d1 + v_l k/d2))`.
+/// `ΔW[j,k] = scaling/(d1·d2) · Σ_l c_l cos(2π(u_l j/d1 + v_l k/d2))`.
 #[derive(Debug, Clone)]
 pub struct DeltaWeight {
     entries: Arc<SpectralEntries>,
@@ -110,8 +110,8 @@ impl DeltaWeight {
         &self.entries
     }
 
-    /// ΔW for coefficients `coeffs` (f32, shape `[n]`) and scale `alpha`.
-    pub fn forward(&self, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+    /// ΔW for coefficients `coeffs` (f32, shape `[n]`) and scale `scaling`.
+    pub fn forward(&self, coeffs: &Tensor, scaling: f64) -> Result<Tensor> {
         let n = self.entries.len();
         if coeffs.dims() != [n] {
             return Err(Error::Shape {
@@ -137,18 +137,18 @@ impl DeltaWeight {
             }
             let op = DeltaWeightFft {
                 entries: self.entries.clone(),
-                alpha,
+                scaling,
             };
             Ok(coeffs.contiguous()?.apply_op1(op)?)
         } else {
-            self.forward_portable(coeffs, alpha)
+            self.forward_portable(coeffs, scaling)
         }
     }
 
     /// `weight + ΔW` outside the autograd graph, for `weight` of shape `(d1, d2)`: one fused pass
     /// for f32 weights on CPU; otherwise ΔW is added in f32 (f64 for f64 weights) and cast back to
     /// the weight's dtype once.
-    pub fn add_to(&self, weight: &Tensor, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+    pub fn add_to(&self, weight: &Tensor, coeffs: &Tensor, scaling: f64) -> Result<Tensor> {
         let shape = self.entries.shape();
         if weight.dims() != [shape.0, shape.1] {
             return Err(Error::Shape {
@@ -162,21 +162,21 @@ impl DeltaWeight {
             let op = AddDeltaWeightFft {
                 entries: self.entries.clone(),
                 coeffs,
-                alpha,
+                scaling,
             };
             return Ok(weight.detach().contiguous()?.apply_op1_no_bwd(&op)?);
         }
-        let dw = self.forward(&coeffs.detach(), alpha)?;
+        let dw = self.forward(&coeffs.detach(), scaling)?;
         crate::ops::add_to_frozen(&dw, weight)
     }
 
     /// ΔW through the portable tensor-op path, on whatever device `coeffs` lives (CPU included).
-    pub fn forward_portable(&self, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
-        PortableBasis::shared(&self.entries, coeffs.device())?.delta_weight(coeffs, alpha)
+    pub(crate) fn forward_portable(&self, coeffs: &Tensor, scaling: f64) -> Result<Tensor> {
+        PortableBasis::shared(&self.entries, coeffs.device())?.delta_weight(coeffs, scaling)
     }
 }
 
-/// ΔW for `entries`, coefficients `coeffs` (f32 `[n]`) and scale `alpha`, differentiable in
+/// ΔW for `entries`, coefficients `coeffs` (f32 `[n]`) and scale `scaling`, differentiable in
 /// `coeffs`; see [`DeltaWeight`].
 ///
 /// ```
@@ -188,6 +188,10 @@ impl DeltaWeight {
 /// assert_eq!(dw.dims(), &[6, 5]);
 /// # Ok::<(), fourierft::Error>(())
 /// ```
-pub fn delta_weight(entries: &Arc<SpectralEntries>, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
-    DeltaWeight::new(entries.clone()).forward(coeffs, alpha)
+pub fn delta_weight(
+    entries: &Arc<SpectralEntries>,
+    coeffs: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
+    DeltaWeight::new(entries.clone()).forward(coeffs, scaling)
 }

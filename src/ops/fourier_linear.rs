@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 struct FourierLinearCpu {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
     /// The bias (zeros for none).
     bias: Vec<f32>,
     /// `W0 + ΔW` `(d1, d2)` from the forward, for the backward: a pooled workspace, returned to
@@ -46,7 +46,7 @@ impl CustomOp3 for FourierLinearCpu {
         let c = f32_slice("spectral coefficients", cs, cl)?;
         let w0 = f32_slice("frozen weight", ws, wl)?;
         let mut adapted = plans::pooled_overwrite::<f32>(d1 * d2);
-        fft::add_delta_weight_into(&self.entries, c, self.alpha, w0, &mut adapted)
+        fft::add_delta_weight_into(&self.entries, c, self.scaling, w0, &mut adapted)
             .map_err(Error::into_candle)?;
         let tokens = xl.dims()[0];
         let y = Mat::new("input of a FourierFT layer", x, tokens, d2)
@@ -76,7 +76,7 @@ impl CustomOp3 for FourierLinearCpu {
         let need_dx = x.track_op();
         let op = FourierLinearGrad {
             entries: self.entries.clone(),
-            alpha: self.alpha,
+            scaling: self.scaling,
             adapted,
             need_dx,
         };
@@ -89,7 +89,7 @@ impl CustomOp3 for FourierLinearCpu {
 /// Backward of [`FourierLinearCpu`]: `(x, dL/dy)` → `[dL/dx (flattened, if needed) | dL/dc]`.
 struct FourierLinearGrad {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
     adapted: Arc<Pooled<f32>>,
     need_dx: bool,
 }
@@ -124,7 +124,7 @@ impl CustomOp2 for FourierLinearGrad {
             // dL/dc straight from per-token spectra: no d1×d2 gradient gᵀ·x.
             packed.extend_from_slice(&forward::coeff_grad(
                 &self.entries,
-                self.alpha,
+                self.scaling,
                 x_all,
                 g_all,
             )?);
@@ -137,7 +137,7 @@ impl CustomOp2 for FourierLinearGrad {
 }
 
 /// `x·(W0 + ΔW)ᵀ + b` for `x` `(tokens, d2)`, a frozen `weight` W0 `(d1, d2)` and `bias` `[d1]`,
-/// with ΔW given by `entries`, `coeffs` (f32 `[n]`) and `alpha`: differentiable in `x` and
+/// with ΔW given by `entries`, `coeffs` (f32 `[n]`) and `scaling`: differentiable in `x` and
 /// `coeffs` only (nothing weight-sized is kept for W0 or the bias).
 ///
 /// On CPU with f32 operands this is one fused op (see the module docs); elsewhere it is composed
@@ -171,7 +171,7 @@ pub fn fourier_linear(
     bias: Option<&Tensor>,
     entries: &Arc<SpectralEntries>,
     coeffs: &Tensor,
-    alpha: f64,
+    scaling: f64,
 ) -> Result<Tensor> {
     let (d1, d2) = entries.shape();
     let what = |t: &str| format!("{t} of a {d1}x{d2} FourierFT layer");
@@ -211,12 +211,12 @@ pub fn fourier_linear(
     if half::is_half(weight.dtype()) {
         // The contribution in f32, added to the rounded base output (see `ops::half`).
         let base = frozen_linear(x, weight, bias)?;
-        let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
+        let dw = delta_weight(entries, coeffs, scaling)?.to_device(weight.device())?;
         let contribution = x.to_dtype(DType::F32)?.matmul(&dw.t()?);
         return half::add_in_f32(&base, [contribution.map_err(Error::from)]);
     }
     if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(coeffs) && bias.is_none_or(cpu_f32)) {
-        let dw = delta_weight(entries, coeffs, alpha)?.to_device(weight.device())?;
+        let dw = delta_weight(entries, coeffs, scaling)?.to_device(weight.device())?;
         let w = add_to_frozen(&dw, weight)?;
         let y = x.matmul(&w.t()?)?;
         return Ok(match bias {
@@ -229,7 +229,7 @@ pub fn fourier_linear(
     }
     let op = FourierLinearCpu {
         entries: entries.clone(),
-        alpha,
+        scaling,
         bias: match bias {
             Some(b) => b.to_vec1::<f32>()?,
             None => vec![0f32; d1],

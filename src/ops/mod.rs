@@ -3,6 +3,9 @@
 //! ΔW ([`spectral_linear`]), and operations on a frozen weight whose backward skips it
 //! ([`frozen_linear`], [`add_to_frozen`]). A crate-private checked strided f32 GEMM (`gemm`) runs
 //! under the fused ops.
+//!
+//! Argument order: the input first (`x`), then the layer's tensors, then the adapter's entries,
+//! coefficients and `scaling` (PEFT's name for α in the paper).
 
 mod delta_weight;
 mod fourier_linear;

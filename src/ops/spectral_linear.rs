@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 struct SpectralLinear {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
 }
 
 impl CustomOp2 for SpectralLinear {
@@ -26,7 +26,7 @@ impl CustomOp2 for SpectralLinear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice("input of the spectral forward", xs, xl)?;
         let c = f32_slice("spectral coefficients", cs, cl)?;
-        let y = forward::forward(&self.entries, c, self.alpha, x).map_err(Error::into_candle)?;
+        let y = forward::forward(&self.entries, c, self.scaling, x).map_err(Error::into_candle)?;
         let tokens = xl.dims()[0];
         Ok((CpuStorage::F32(y), Shape::from((tokens, self.entries.d1()))))
     }
@@ -41,7 +41,7 @@ impl CustomOp2 for SpectralLinear {
         let need_dx = x.track_op();
         let op = SpectralLinearGrad {
             entries: self.entries.clone(),
-            alpha: self.alpha,
+            scaling: self.scaling,
             need_dx,
         };
         let packed = x.apply_op3_no_bwd(c, &grad.contiguous()?, &op)?;
@@ -53,7 +53,7 @@ impl CustomOp2 for SpectralLinear {
 /// Backward of [`SpectralLinear`]: `(x, c, dL/dy)` → `[dL/dx (flattened, if needed) | dL/dc]`.
 struct SpectralLinearGrad {
     entries: Arc<SpectralEntries>,
-    alpha: f64,
+    scaling: f64,
     need_dx: bool,
 }
 
@@ -74,7 +74,7 @@ impl CustomOp3 for SpectralLinearGrad {
         let x = f32_slice("input of the spectral forward", xs, xl)?;
         let c = f32_slice("spectral coefficients", cs, cl)?;
         let g = f32_slice("gradient of the spectral forward", gs, gl)?;
-        let packed = forward::backward_packed(&self.entries, c, self.alpha, x, g, self.need_dx)
+        let packed = forward::backward_packed(&self.entries, c, self.scaling, x, g, self.need_dx)
             .map_err(Error::into_candle)?;
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
@@ -82,7 +82,7 @@ impl CustomOp3 for SpectralLinearGrad {
 }
 
 /// `x·ΔWᵀ` for `x` of shape `(tokens, d2)`, f32 on CPU, with ΔW given by `entries`,
-/// `coeffs` (f32 `[n]`) and `alpha` — computed in O(d log d) per token without forming ΔW.
+/// `coeffs` (f32 `[n]`) and `scaling` — computed in O(d log d) per token without forming ΔW.
 /// Differentiable in `x` and `coeffs`.
 ///
 /// ```
@@ -91,17 +91,17 @@ impl CustomOp3 for SpectralLinearGrad {
 /// let e = SpectralEntries::uniform(6, 4, 5, 777)?;
 /// let c = Tensor::new(&[1f32, -2.0, 0.5, 0.25, 1.5], &Device::Cpu)?;
 /// let x = Tensor::new(&[[1f32, 0.0, -1.0, 2.0], [0.5, 0.5, 0.5, 0.5]], &Device::Cpu)?;
-/// let y = ops::spectral_linear(&e, &c, 100.0, &x)?;
+/// let y = ops::spectral_linear(&x, &e, &c, 100.0)?;
 /// let dense = x.matmul(&ops::delta_weight(&e, &c, 100.0)?.t()?)?;
 /// let diff = (y - dense)?.abs()?.max_all()?.to_scalar::<f32>()?;
 /// assert!(diff < 1e-4);
 /// # Ok::<(), fourierft::Error>(())
 /// ```
 pub fn spectral_linear(
+    x: &Tensor,
     entries: &Arc<SpectralEntries>,
     coeffs: &Tensor,
-    alpha: f64,
-    x: &Tensor,
+    scaling: f64,
 ) -> Result<Tensor> {
     let (d1, d2) = entries.shape();
     let what = || format!("input of the spectral forward of a {d1}x{d2} adapter");
@@ -137,7 +137,7 @@ pub fn spectral_linear(
     let c32 = coeffs.to_dtype(DType::F32)?.contiguous()?;
     let op = SpectralLinear {
         entries: entries.clone(),
-        alpha,
+        scaling,
     };
     Ok(x32.apply_op2(&c32, op)?.to_dtype(dtype)?)
 }

@@ -1,23 +1,7 @@
 //! Whether an adapted weight is stored `(out, in)` (`nn.Linear`) or `(in, out)` (GPT-2's
 //! `Conv1D`): decided from what is known, never guessed.
 //!
-//! PEFT decides `fan_in_fan_out` per module from the module's Python type and writes it into the
-//! one shared configuration as it goes, so a saved `adapter_config.json` records only the kind of
-//! the *last* module it adapted. A GPT-2 adapter that targets `c_attn`, `c_proj` and an untied
-//! `lm_head` says `false`, although `c_attn` and `c_proj` are `Conv1D`. Adding ΔW to a square
-//! `Conv1D` weight without transposing it is wrong and no shape check notices, so each module's
-//! layout comes from, in order:
-//!
-//! 1. an explicit override ([`Orientation::with_fan_in_fan_out`], the CLI's `--fan-in-fan-out`);
-//! 2. the base model's `config.json` ([`Orientation::with_model_config`]): in the model types
-//!    listed in [`CONV1D_MODEL_TYPES`] the modules named in [`CONV1D_MODULES`] are `Conv1D`,
-//!    everything else (and every module of any other model type) is `nn.Linear`;
-//! 3. the bias: a non-square weight's bias has `out` entries, and a weight without a bias is
-//!    `nn.Linear` (transformers' `Conv1D` always has one, and PEFT only flags `Conv1D`);
-//! 4. the file's flag where the module's name agrees with it: `false` for a name that is not a
-//!    `Conv1D` name, `true` for one that is (every transformers `Conv1D` has such a name).
-//!
-//! Anything else is an [`Error::Config`] naming the module and what to pass.
+//! The rules are documented on [`Orientation`].
 
 use super::adapter::PeftAdapter;
 use crate::error::{Error, Result};
@@ -80,7 +64,25 @@ impl StoredShape {
     }
 }
 
-/// How a merge learns each adapted weight's layout; see the [module docs](self).
+/// How a merge learns each adapted weight's layout.
+///
+/// PEFT decides `fan_in_fan_out` per module from the module's Python type and writes it into the
+/// one shared configuration as it goes, so a saved `adapter_config.json` records only the kind of
+/// the *last* module it adapted. A GPT-2 adapter that targets `c_attn`, `c_proj` and an untied
+/// `lm_head` says `false`, although `c_attn` and `c_proj` are `Conv1D`. Adding ΔW to a square
+/// `Conv1D` weight without transposing it is wrong and no shape check notices, so each module's
+/// layout comes from, in order:
+///
+/// 1. an explicit override ([`Orientation::with_fan_in_fan_out`], the CLI's `--fan-in-fan-out`);
+/// 2. the base model's `config.json` ([`Orientation::with_model_config`]): in the model types
+///    listed in [`CONV1D_MODEL_TYPES`] the modules named in [`CONV1D_MODULES`] are `Conv1D`,
+///    everything else (and every module of any other model type) is `nn.Linear`;
+/// 3. the bias: a non-square weight's bias has `out` entries, and a weight without a bias is
+///    `nn.Linear` (transformers' `Conv1D` always has one, and PEFT only flags `Conv1D`);
+/// 4. the file's flag where the module's name agrees with it: `false` for a name that is not a
+///    `Conv1D` name, `true` for one that is (every transformers `Conv1D` has such a name).
+///
+/// Anything else is an [`Error::Config`] naming the module and what to pass.
 ///
 /// ```
 /// use fourierft::peft::Orientation;
@@ -98,7 +100,7 @@ pub struct Orientation {
 }
 
 impl Orientation {
-    /// Nothing known beyond the files: rules 3 and 4 of the [module docs](self).
+    /// Nothing known beyond the files: rules 3 and 4 of [`Orientation`].
     pub fn new() -> Self {
         Self::default()
     }

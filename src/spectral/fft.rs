@@ -40,25 +40,25 @@ pub(super) fn check_len(what: &str, found: usize, expected: usize) -> Result<()>
     Ok(())
 }
 
-/// `ΔW = alpha/(d1·d2) · Re(IDFT2(E∘c))`, row-major `d1×d2` (`d1` = out_features).
+/// `ΔW = scaling/(d1·d2) · Re(IDFT2(E∘c))`, row-major `d1×d2` (`d1` = out_features).
 ///
 /// `coeffs[l]` belongs to entry `l` of `entries`. Computed in f32; error ≈ 1e-6 of `max|ΔW|`.
 ///
 /// ```
-/// use fourierft::{spectral::fft::delta_weight, SpectralEntries};
+/// use fourierft::{internals::fft::delta_weight, SpectralEntries};
 /// let e = SpectralEntries::explicit(2, 4, &[(0, 1)])?;
 /// let dw = delta_weight(&e, &[8.0], 1.0)?; // cos(2π k/4) for both rows
 /// assert!((dw[0] - 1.0).abs() < 1e-6 && dw[1].abs() < 1e-6 && (dw[6] + 1.0).abs() < 1e-6);
 /// # Ok::<(), fourierft::Error>(())
 /// ```
-pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Result<Vec<f32>> {
-    delta_weight_onto(entries, coeffs, alpha, None)
+pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], scaling: f64) -> Result<Vec<f32>> {
+    delta_weight_onto(entries, coeffs, scaling, None)
 }
 
 /// `base + ΔW` (row-major `d1×d2`) in one pass: no separate ΔW buffer (the merge path).
 ///
 /// ```
-/// use fourierft::{spectral::fft, SpectralEntries};
+/// use fourierft::{internals::fft, SpectralEntries};
 /// let e = SpectralEntries::uniform(3, 4, 5, 7)?;
 /// let c = [1.0f32, -0.5, 0.25, 2.0, 0.0];
 /// let base: Vec<f32> = (0..12).map(|i| i as f32).collect();
@@ -70,7 +70,7 @@ pub fn delta_weight(entries: &SpectralEntries, coeffs: &[f32], alpha: f64) -> Re
 pub fn add_delta_weight(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     base: &[f32],
 ) -> Result<Vec<f32>> {
     check_len(
@@ -78,18 +78,18 @@ pub fn add_delta_weight(
         base.len(),
         entries.d1() * entries.d2(),
     )?;
-    delta_weight_onto(entries, coeffs, alpha, Some(base))
+    delta_weight_onto(entries, coeffs, scaling, Some(base))
 }
 
 fn delta_weight_onto(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     base: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
     let mut out = vec![0f32; d1 * d2];
-    delta_weight_into(entries, coeffs, alpha, base, &mut out)?;
+    delta_weight_into(entries, coeffs, scaling, base, &mut out)?;
     Ok(out)
 }
 
@@ -98,7 +98,7 @@ fn delta_weight_onto(
 pub(crate) fn add_delta_weight_into(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     base: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
@@ -107,13 +107,13 @@ pub(crate) fn add_delta_weight_into(
         base.len(),
         entries.d1() * entries.d2(),
     )?;
-    delta_weight_into(entries, coeffs, alpha, Some(base), out)
+    delta_weight_into(entries, coeffs, scaling, Some(base), out)
 }
 
 fn delta_weight_into(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     base: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
@@ -128,7 +128,7 @@ fn delta_weight_into(
     let rows = entries.rows();
     let half = d2 / 2 + 1;
     // The 1/2 of the Hermitian split is folded into the coefficients.
-    let s = (phase::scale(alpha, d1, d2) * 0.5) as f32;
+    let s = (phase::scale(scaling, d1, d2) * 0.5) as f32;
 
     // Step 1: per half-spectrum bin w ≤ d2/2 that any entry reaches, the row signal
     // H_w[j] = C_w[j] + conj(C_{d2−w}[j]) (zero for the other bins) by one complex inverse FFT of
@@ -224,22 +224,26 @@ fn delta_weight_into(
 }
 
 /// Gradient of a loss with respect to the coefficients, given `grad = dL/dΔW` (row-major `d1×d2`):
-/// `dL/dc_l = alpha/(d1·d2) · Σ_{j,k} grad[j,k] · cos(2π (u_l·j/d1 + v_l·k/d2))`.
+/// `dL/dc_l = scaling/(d1·d2) · Σ_{j,k} grad[j,k] · cos(2π (u_l·j/d1 + v_l·k/d2))`.
 ///
 /// ```
-/// use fourierft::{spectral::fft::delta_weight_grad, SpectralEntries};
+/// use fourierft::{internals::fft::delta_weight_grad, SpectralEntries};
 /// let e = SpectralEntries::explicit(1, 4, &[(0, 1), (0, 0)])?;
 /// let g = delta_weight_grad(&e, &[1.0, 0.0, 0.0, 0.0], 4.0)?;
 /// assert!((g[0] - 1.0).abs() < 1e-6 && (g[1] - 1.0).abs() < 1e-6);
 /// # Ok::<(), fourierft::Error>(())
 /// ```
-pub fn delta_weight_grad(entries: &SpectralEntries, grad: &[f32], alpha: f64) -> Result<Vec<f32>> {
+pub fn delta_weight_grad(
+    entries: &SpectralEntries,
+    grad: &[f32],
+    scaling: f64,
+) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
     check_len("gradient of ΔW (flattened)", grad.len(), d1 * d2)?;
     let groups = entries.column_groups();
     let m = groups.columns.len();
     let half = d2 / 2 + 1;
-    let s = phase::scale(alpha, d1, d2) as f32;
+    let s = phase::scale(scaling, d1, d2) as f32;
 
     // Stage 1: per block of the top rows, Σ_k g̃[j,k] e^{+2πi v k/d2} at the m columns, stored
     // [m][rows]. The basis is even (cos θ(d1−j, k) = cos θ(j, (d2−k) mod d2)), so each bottom

@@ -4,13 +4,13 @@
 //! For one token `x` (length `d2`), with `X̃[v] = Σ_k x_k e^{+2πi v k/d2}`:
 //!
 //! ```text
-//! y_j = alpha/(d1·d2) · Re Σ_u z[u] e^{+2πi u j/d1},   z[u] = Σ_{l: u_l = u} c_l · X̃[v_l]
+//! y_j = scaling/(d1·d2) · Re Σ_u z[u] e^{+2πi u j/d1},   z[u] = Σ_{l: u_l = u} c_l · X̃[v_l]
 //! ```
 //!
 //! i.e. one real FFT of length `d2`, `n` complex multiply-adds, one complex-to-real inverse FFT of
 //! length `d1`. The backward has the same shape transposed: with `Ĝ[u] = Σ_j g_j e^{+2πi u j/d1}`
-//! for the output gradient `g`, `dL/dx = alpha/(d1·d2)·Re Σ_v w[v] e^{+2πi v k/d2}` with
-//! `w[v] = Σ_{l: v_l = v} c_l Ĝ[u_l]`, and `dL/dc_l = alpha/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
+//! for the output gradient `g`, `dL/dx = scaling/(d1·d2)·Re Σ_v w[v] e^{+2πi v k/d2}` with
+//! `w[v] = Σ_{l: v_l = v} c_l Ĝ[u_l]`, and `dL/dc_l = scaling/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
 //! Tokens are processed in parallel blocks; plans and scratch are reused across calls.
 
 use super::fft::check_len;
@@ -42,7 +42,7 @@ fn block_tokens(tokens: usize) -> usize {
 /// `y = x·ΔWᵀ` for `x` of shape `(tokens, d2)` (row-major), returning `(tokens, d1)`.
 ///
 /// ```
-/// use fourierft::{spectral::{fft, forward}, SpectralEntries};
+/// use fourierft::{internals::{fft, forward}, SpectralEntries};
 /// let e = SpectralEntries::uniform(5, 4, 6, 1)?;
 /// let c = [0.5f32, -1.0, 2.0, 0.3, 1.0, -0.2];
 /// let x = [1.0f32, 2.0, -1.0, 0.5];
@@ -57,13 +57,13 @@ fn block_tokens(tokens: usize) -> usize {
 pub fn forward(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     x: &[f32],
 ) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
     check_len("spectral coefficients", coeffs.len(), entries.len())?;
     check("input of the spectral forward", x.len(), d2)?;
-    let cs = scaled(coeffs, alpha, d1, d2, 0.5);
+    let cs = scaled(coeffs, scaling, d1, d2, 0.5);
     per_token(x, (d2, entries.cols()), (d1, entries.rows()), &cs)
 }
 
@@ -151,13 +151,13 @@ fn grad_tokens(entries: &SpectralEntries, x: &[f32], g: &[f32]) -> Result<usize>
 pub fn backward(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     x: &[f32],
     g: &[f32],
     need_dx: bool,
 ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
     let n = entries.len();
-    let mut packed = backward_packed(entries, coeffs, alpha, x, g, need_dx)?;
+    let mut packed = backward_packed(entries, coeffs, scaling, x, g, need_dx)?;
     let dc = packed.split_off(packed.len() - n);
     Ok((need_dx.then_some(packed), dc))
 }
@@ -167,7 +167,7 @@ pub fn backward(
 pub(crate) fn backward_packed(
     entries: &SpectralEntries,
     coeffs: &[f32],
-    alpha: f64,
+    scaling: f64,
     x: &[f32],
     g: &[f32],
     need_dx: bool,
@@ -179,7 +179,7 @@ pub(crate) fn backward_packed(
     let mut packed = Vec::with_capacity(dx_len + entries.len());
     packed.resize(dx_len, 0f32);
     if need_dx {
-        let cs = scaled(coeffs, alpha, d1, d2, 0.5);
+        let cs = scaled(coeffs, scaling, d1, d2, 0.5);
         per_token_into(
             g,
             (d1, entries.rows()),
@@ -188,7 +188,7 @@ pub(crate) fn backward_packed(
             &mut packed,
         )?;
     }
-    packed.extend_from_slice(&coeff_grad(entries, alpha, x, g)?);
+    packed.extend_from_slice(&coeff_grad(entries, scaling, x, g)?);
     Ok(packed)
 }
 
@@ -253,7 +253,7 @@ fn transpose_tile(
 }
 
 /// `dL/dc` of `y = x·ΔWᵀ` (and so of any layer whose weight includes ΔW): given `x` `(tokens, d2)`
-/// and `g = dL/dy` `(tokens, d1)`, `dL/dc_l = alpha/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
+/// and `g = dL/dy` `(tokens, d1)`, `dL/dc_l = scaling/(d1·d2)·Σ_tokens Re(Ĝ[u_l]·X̃[v_l])`.
 ///
 /// Two real FFTs per token, then per block of tokens the spectra are stored frequency-major
 /// (real and imaginary parts apart), so each coefficient's sum is two contiguous dot products:
@@ -261,7 +261,7 @@ fn transpose_tile(
 /// `gᵀ·x` followed by [`delta_weight_grad`](super::fft::delta_weight_grad).
 ///
 /// ```
-/// use fourierft::{spectral::{fft, forward}, SpectralEntries};
+/// use fourierft::{internals::{fft, forward}, SpectralEntries};
 /// let e = SpectralEntries::uniform(5, 4, 6, 1)?;
 /// let (x, g) = ([1.0f32, 2.0, -1.0, 0.5], [0.5f32, -1.0, 0.0, 2.0, 1.0]);
 /// let dc = forward::coeff_grad(&e, 10.0, &x, &g)?;
@@ -271,7 +271,12 @@ fn transpose_tile(
 /// assert!(dc.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4));
 /// # Ok::<(), fourierft::Error>(())
 /// ```
-pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -> Result<Vec<f32>> {
+pub fn coeff_grad(
+    entries: &SpectralEntries,
+    scaling: f64,
+    x: &[f32],
+    g: &[f32],
+) -> Result<Vec<f32>> {
     let (d1, d2) = entries.shape();
     let tokens = grad_tokens(entries, x, g)?;
     let (half1, half2) = (d1 / 2 + 1, d2 / 2 + 1);
@@ -362,7 +367,7 @@ pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -
             })
         })
         .collect::<Result<_>>()?;
-    let s = phase::scale(alpha, d1, d2) as f32;
+    let s = phase::scale(scaling, d1, d2) as f32;
     let mut dc = vec![0f32; n];
     for p in partial {
         for (a, b) in dc.iter_mut().zip(p) {
@@ -373,8 +378,8 @@ pub fn coeff_grad(entries: &SpectralEntries, alpha: f64, x: &[f32], g: &[f32]) -
     Ok(dc)
 }
 
-/// `c_l · alpha/(d1·d2) · extra`.
-fn scaled(coeffs: &[f32], alpha: f64, d1: usize, d2: usize, extra: f64) -> Vec<f32> {
-    let s = (phase::scale(alpha, d1, d2) * extra) as f32;
+/// `c_l · scaling/(d1·d2) · extra`.
+fn scaled(coeffs: &[f32], scaling: f64, d1: usize, d2: usize, extra: f64) -> Vec<f32> {
+    let s = (phase::scale(scaling, d1, d2) * extra) as f32;
     coeffs.iter().map(|c| c * s).collect()
 }

@@ -6,7 +6,7 @@
 //! All paths compute the same function of the coefficients `c` (length n) on entries `(u_l, v_l)`:
 //!
 //! ```text
-//! ΔW[j, k] = alpha / (d1·d2) · Σ_l c_l · cos(2π (u_l·j/d1 + v_l·k/d2)),   j < d1, k < d2
+//! ΔW[j, k] = scaling / (d1·d2) · Σ_l c_l · cos(2π (u_l·j/d1 + v_l·k/d2)),   j < d1, k < d2
 //! ```
 //!
 //! which is PEFT's `torch.fft.ifft2(dense).real * scaling` (inverse DFT, `+i` exponent, `1/(d1·d2)`).

@@ -1,23 +1,23 @@
 //! The phase convention and normalisation, written once.
 //!
-//! Every path in the crate computes `alpha / (d1·d2) · Σ_l c_l · e^{+2πi (u_l·j/d1 + v_l·k/d2)}` and
+//! Every path in the crate computes `scaling / (d1·d2) · Σ_l c_l · e^{+2πi (u_l·j/d1 + v_l·k/d2)}` and
 //! keeps the real part. Phases are reduced exactly as integers, `(u·j) mod d1`, before they become
 //! angles: an angle formed in floating point as `2π·u·j/d1` loses ~1e-3 relative accuracy at d = 4096.
 
-/// The normalisation of ΔW: `alpha / (d1·d2)` (torch's `norm="backward"` inverse FFT times PEFT's
+/// The normalisation of ΔW: `scaling / (d1·d2)` (torch's `norm="backward"` inverse FFT times PEFT's
 /// `scaling`).
 ///
 /// ```
-/// assert_eq!(fourierft::spectral::phase::scale(150.0, 10, 3), 5.0);
+/// assert_eq!(fourierft::internals::phase::scale(150.0, 10, 3), 5.0);
 /// ```
-pub fn scale(alpha: f64, d1: usize, d2: usize) -> f64 {
-    alpha / (d1 as f64 * d2 as f64)
+pub fn scale(scaling: f64, d1: usize, d2: usize) -> f64 {
+    scaling / (d1 as f64 * d2 as f64)
 }
 
 /// `(freq · pos) mod len`, exactly, for `freq, pos < len ≤ 2^32`.
 ///
 /// ```
-/// assert_eq!(fourierft::spectral::phase::reduce(4095, 4095, 4096), 1);
+/// assert_eq!(fourierft::internals::phase::reduce(4095, 4095, 4096), 1);
 /// ```
 #[inline]
 pub fn reduce(freq: usize, pos: usize, len: usize) -> usize {
@@ -37,7 +37,7 @@ impl UnitCircle {
     /// The `len` roots of unity `e^{2πi t/len}`.
     ///
     /// ```
-    /// let c = fourierft::spectral::phase::UnitCircle::new(4);
+    /// let c = fourierft::internals::phase::UnitCircle::new(4);
     /// assert!((c.cos(1, 1) - 0.0).abs() < 1e-15 && (c.sin(1, 1) - 1.0).abs() < 1e-15);
     /// ```
     pub fn new(len: usize) -> Self {

@@ -8,7 +8,7 @@
 //!   entries of one folded column share one pair of right-hand basis rows:
 //!
 //!   ```text
-//!   ΔW = alpha/(d1·d2) · F · [ cos V_f ; −sin V_f ],   F = Σ_{l ∈ group} c_l·[cos U_l | s_l·sin U_l]
+//!   ΔW = scaling/(d1·d2) · F · [ cos V_f ; −sin V_f ],   F = Σ_{l ∈ group} c_l·[cos U_l | s_l·sin U_l]
 //!   ```
 //!
 //!   `F` is `(d1, 2m)` for the `m ≤ d2/2 + 1` distinct folded columns, summed with `index_add`
@@ -139,7 +139,7 @@ impl PortableBasis {
     }
 
     /// `ΔW` (f32, `d1×d2`) for coefficients `coeffs` (f32, `[n]`), differentiable in `coeffs`.
-    pub fn delta_weight(&self, coeffs: &Tensor, alpha: f64) -> Result<Tensor> {
+    pub fn delta_weight(&self, coeffs: &Tensor, scaling: f64) -> Result<Tensor> {
         let n = self.n;
         if coeffs.dims() != [n] {
             return Err(Error::Shape {
@@ -156,7 +156,7 @@ impl PortableBasis {
         let folded = zeros.index_add(&self.groups, &scaled, 1)?;
         let upper = folded
             .matmul(&self.right)?
-            .affine(phase::scale(alpha, self.d1, self.d2), 0.0)?;
+            .affine(phase::scale(scaling, self.d1, self.d2), 0.0)?;
         Ok(match &self.mirror {
             None => upper,
             Some((rows, cols)) => {

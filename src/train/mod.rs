@@ -35,7 +35,7 @@
 //! **once** — caches, rotary tables and all — and trains like any candle model: its forward is
 //! the stock forward with plain weights. After `loss.backward()`,
 //! [`backward`](StockTrainer::backward) turns each adapted weight's `dL/dW` into `dL/dc` with
-//! the pruned-FFT gradient ([`crate::spectral::fft::delta_weight_grad`]: no dense spectrum),
+//! the pruned-FFT gradient (`spectral::fft::delta_weight_grad`: no dense spectrum),
 //! replacing `dL/dW` in the gradient store; the optimizer steps the spectra `c`; and
 //! [`sync`](StockTrainer::sync) writes the new weights into the `Var`s with `Var::set` as
 //! `W += ΔW(c_new − c_applied)` (ΔW is linear in c), so `W0` needs no second copy.
@@ -93,7 +93,7 @@ use step::add_delta;
 
 use crate::config::FourierFTConfig;
 use crate::error::{Error, Result};
-use crate::layer::{Adapter, DEFAULT_ADAPTER};
+use crate::layer::{LayerAdapter, DEFAULT_ADAPTER};
 use crate::peft::{ModuleMatcher, PeftAdapter};
 use crate::sync::lock;
 use candle_core::{Tensor, Var};
@@ -135,7 +135,7 @@ struct State {
 struct TrainedLayer {
     weight_name: String,
     weight: Var,
-    adapter: Adapter,
+    adapter: LayerAdapter,
     /// The coefficients whose ΔW the weight holds (when merged).
     applied: Vec<f32>,
 }

@@ -4,7 +4,7 @@
 use super::{copy_error, State, StockTrainer, TrainedLayer};
 use crate::config::shown_selector;
 use crate::error::{Error, Result};
-use crate::layer::Adapter;
+use crate::layer::LayerAdapter;
 use crate::ops::DeltaWeight;
 use crate::spectral::fft;
 use candle_core::backprop::GradStore;
@@ -154,7 +154,7 @@ pub(super) fn add_delta(layer: &TrainedLayer, delta: &[f32]) -> Result<()> {
 }
 
 /// `dL/dc` from `dL/dW` (the pruned-FFT gradient of ΔW).
-fn coeff_grad(adapter: &Adapter, g: &Tensor) -> Result<Tensor> {
+fn coeff_grad(adapter: &LayerAdapter, g: &Tensor) -> Result<Tensor> {
     let spectrum = adapter.spectrum().as_tensor();
     if g.device().is_cpu() {
         let gv = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -173,7 +173,7 @@ fn coeff_grad(adapter: &Adapter, g: &Tensor) -> Result<Tensor> {
         .ok_or_else(|| Error::Config("delta-weight op produced no gradient".into()))
 }
 
-fn dc_len(adapter: &Adapter) -> usize {
+fn dc_len(adapter: &LayerAdapter) -> usize {
     adapter.entries().len()
 }
 
