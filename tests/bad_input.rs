@@ -11,7 +11,7 @@ mod common;
 
 use common::{fixture, split_prefixed};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -841,20 +841,7 @@ fn failed_writes_leave_nothing_half_written() -> anyhow::Result<()> {
 #[test]
 fn fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    // A missing folder fails the test: a replay that iterates nothing would pass silently.
-    let files = |dir: PathBuf| -> anyhow::Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| anyhow::anyhow!("fuzz corpus folder {}: {e}", dir.display()))?
-            .map(|e| Ok(e?.path()))
-            .collect::<std::io::Result<_>>()?;
-        // Hidden files (.gitkeep, which keeps an empty regressions folder in git) are no inputs.
-        v.retain(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        });
-        v.sort();
-        Ok(v)
-    };
+    let files = common::fuzz_inputs;
     let load = |data: &[u8]| -> Option<fourierft::Result<PeftAdapter>> {
         let (config, weights) = split_prefixed(data)?;
         Some(PeftAdapter::from_bytes(config, weights))

@@ -572,24 +572,9 @@ fn layer_rules_follow_the_writing_peft_version() -> anyhow::Result<()> {
 #[test]
 fn bin_fuzz_seeds_and_regressions_replay() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    // A missing folder fails the test: a replay that iterates nothing would pass silently.
-    let files = |dir: PathBuf| -> anyhow::Result<Vec<PathBuf>> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|e| anyhow::anyhow!("fuzz corpus folder {}: {e}", dir.display()))?
-            .map(|e| Ok(e?.path()))
-            .collect::<std::io::Result<_>>()?;
-        // Hidden files (.gitkeep, which keeps an empty regressions folder in git) are no inputs.
-        v.retain(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        });
-        v.sort();
-        Ok(v)
-    };
+    let files = common::fuzz_inputs;
     let load = |data: &[u8]| -> Option<fourierft::Result<PeftAdapter>> {
-        let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
-        let rest = &data[4..];
-        let (config, bin) = (len <= rest.len()).then(|| rest.split_at(len))?;
+        let (config, bin) = common::split_prefixed(data)?;
         Some(PeftAdapter::from_bin_bytes(config, bin))
     };
     let seeds = files(root.join("seeds/load_adapter_bin"))?;

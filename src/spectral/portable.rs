@@ -71,11 +71,15 @@ impl PortableBasis {
         columns.sort_unstable();
         columns.dedup();
         let m = columns.len();
-        let group = |f: usize| columns.binary_search(&f).unwrap_or_default() as u32;
-        let mut groups: Vec<u32> = folded.iter().map(|&(f, _)| group(f)).collect();
-        groups.extend(folded.iter().map(|&(f, _)| m as u32 + group(f)));
+        // Folded column -> its group (every f in `folded` is one of `columns`).
+        let mut group_of = vec![0u32; d2 / 2 + 1];
+        for (g, &f) in columns.iter().enumerate() {
+            group_of[f] = g as u32;
+        }
+        let mut groups: Vec<u32> = folded.iter().map(|&(f, _)| group_of[f]).collect();
+        groups.extend(folded.iter().map(|&(f, _)| m as u32 + group_of[f]));
 
-        let mut left = vec![0f32; top.min(d1) * 2 * n];
+        let mut left = vec![0f32; top * 2 * n];
         for (j, row) in left.chunks_exact_mut(2 * n).enumerate() {
             for (l, (&u, &(_, sign))) in entries.rows().iter().zip(&folded).enumerate() {
                 row[l] = cu.cos(u as usize, j) as f32;
@@ -101,7 +105,7 @@ impl PortableBasis {
             None
         };
         Ok(Self {
-            left: Tensor::from_vec(left, (top.min(d1), 2 * n), device)?,
+            left: Tensor::from_vec(left, (top, 2 * n), device)?,
             groups: Tensor::from_vec(groups, 2 * n, device)?,
             right: Tensor::from_vec(right, (2 * m, d2), device)?,
             mirror,

@@ -166,3 +166,18 @@ pub fn randn(
         &candle_core::Device::Cpu,
     )?)
 }
+
+/// The inputs in a fuzz corpus folder, sorted, hidden files (`.gitkeep`) left out. A missing
+/// folder is an error: a replay that iterates nothing would pass silently.
+pub fn fuzz_inputs(dir: std::path::PathBuf) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| anyhow::anyhow!("fuzz corpus folder {}: {e}", dir.display()))?
+        .map(|e| Ok(e?.path()))
+        .collect::<std::io::Result<_>>()?;
+    v.retain(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    });
+    v.sort();
+    Ok(v)
+}
