@@ -17,7 +17,7 @@
 //! assert_eq!(ys.to_vec2::<f32>()?, &[[210.0, 430.0, 650.0]]);
 //! # Ok(()) }
 //! ```
-use candle::{Result, Tensor};
+use candle::{CustomOp1, Layout, Result, Shape, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -39,8 +39,103 @@ impl Linear {
     }
 }
 
+/// Patched for fourierft: `x · Wᵀ` for a weight that records no gradient (a frozen weight) and
+/// an input that does. candle-core's matmul backward forms the gradient of both operands, so a
+/// frozen weight's `dL/dW` — a product as large as the forward one — would be computed and then
+/// kept, with its accumulation graph, until `backward` returns, although nothing can read it.
+/// This op's backward forms only `dL/dx = dL/dy · W`. Same forward kernel as `Tensor::matmul`.
+struct FrozenWeightMatmul {
+    /// `(out, in)`, untracked.
+    weight: Tensor,
+}
+
+/// `(m, k) · Wᵀ` with candle's own matmul kernel, for any backend storage.
+fn matmul_wt<S: candle::backend::BackendStorage>(
+    x: &S,
+    x_layout: &Layout,
+    w: &S,
+    w_layout: &Layout,
+) -> Result<(S, Shape)> {
+    let (m, k) = x_layout.shape().dims2()?;
+    let (n, k2) = w_layout.shape().dims2()?;
+    if k != k2 {
+        candle::bail!("frozen linear: input (.., {k}) vs weight ({n}, {k2})")
+    }
+    let out = x.matmul(w, (1, m, n, k), x_layout, &w_layout.transpose(0, 1)?)?;
+    Ok((out, Shape::from((m, n))))
+}
+
+impl CustomOp1 for FrozenWeightMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &candle::CpuStorage, l: &Layout) -> Result<(candle::CpuStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle::Storage::Cpu(w) => matmul_wt(s, l, w, wl),
+            _ => candle::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle::Storage::Cuda(w) => matmul_wt(s, l, w, wl),
+            _ => candle::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle::MetalStorage, Shape)> {
+        let (ws, wl) = self.weight.storage_and_layout();
+        match &*ws {
+            candle::Storage::Metal(w) => matmul_wt(s, l, w, wl),
+            _ => candle::bail!("frozen linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.weight)?))
+    }
+}
+
+impl Linear {
+    /// The patched path: the input (any rank ≥ 1) as a contiguous `(m, in)` matrix through
+    /// [`FrozenWeightMatmul`], reshaped back.
+    fn forward_frozen_weight(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        let x2 = x.contiguous()?.reshape(((), k))?;
+        let y = x2.apply_op1(FrozenWeightMatmul {
+            weight: self.weight.clone(),
+        })?;
+        y.reshape(out_dims)
+    }
+}
+
 impl super::Module for Linear {
     fn forward(&self, x: &Tensor) -> candle::Result<Tensor> {
+        if x.track_op() && !self.weight.track_op() && x.rank() >= 1 {
+            let y = self.forward_frozen_weight(x)?;
+            return match &self.bias {
+                None => Ok(y),
+                Some(bias) => y.broadcast_add(bias),
+            };
+        }
         // When possible, we avoid using a broadcasted matmul as it is much slower
         // than the standard matmul for the cuda and cpu backends.
         let x = match *x.dims() {
