@@ -10,6 +10,10 @@
 #   scripts/bench_side_by_side.sh --demo      the sentiment demo's training step: demo/src/bin/sentiment
 #                                             against scripts/peft_sentiment.py on identical batches
 #                                             (checked with --dump-batches), FourierFT and LoRA
+#   scripts/bench_side_by_side.sh --llama     one training step of a stock candle-transformers Llama
+#                                             (hidden 1024, 8 layers, 512 tokens, q/v n=1000):
+#                                             examples/finetune_llama.rs --bench against
+#                                             scripts/peft_llama_bench.py; train_step_ms, peak_rss_mb
 #
 #   env: RUNS (3), N (1000), BATCHES ("64 1024"), THREADS (2),
 #        DEVICE (cpu; cuda needs FEATURES=cuda and torch with CUDA), DTYPE (f32; bf16, f16),
@@ -120,6 +124,26 @@ ratio(("ours", "fourierft", "step_ms"), ("ours", "lora", "step_ms"),
 ratio(("ours", "fourierft", "step_cpu_ms"), ("peft", "fourierft", "step_cpu_ms"),
       "our FourierFT step CPU ÷ PEFT's FourierFT step CPU")
 EOF
+    exit 0
+fi
+
+if [ "${1:-}" = "--llama" ]; then
+    cargo build --release --example finetune_llama -q
+    machine
+    echo "job: one training step (median of 3 after a warm-up), $THREADS threads each side, $RUNS runs per side, alternating"
+    : >"$out/records"
+    for r in $(seq 1 "$RUNS"); do
+        ours() { RAYON_NUM_THREADS=$THREADS target/release/examples/finetune_llama --bench --bench-steps 3 |
+            grep -E '^(train_step_ms|peak_rss_mb) ' | sed "s/^/ours $r /" >>"$out/records"; }
+        peft() { "$PY" scripts/peft_llama_bench.py --steps 3 --threads "$THREADS" 2>/dev/null |
+            grep -E '^(train_step_ms|peak_rss_mb) ' | sed "s/^/peft $r /" >>"$out/records"; }
+        if [ $((r % 2)) -eq 1 ]; then ours; peft; else peft; ours; fi
+        echo "run $r done (load $(cut -d' ' -f1 /proc/loadavg))"
+    done
+    echo
+    summarise <"$out/records"
+    echo
+    echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     exit 0
 fi
 

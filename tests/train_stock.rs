@@ -584,7 +584,9 @@ fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
                 // A non-contiguous view of the same values when `transposed` (rank ≥ 3).
                 let input = if transposed && dims.len() >= 3 {
                     let r = dims.len();
-                    x.transpose(r - 3, r - 2)?.contiguous()?.transpose(r - 3, r - 2)?
+                    x.transpose(r - 3, r - 2)?
+                        .contiguous()?
+                        .transpose(r - 3, r - 2)?
                 } else {
                     x.as_tensor().clone()
                 };
@@ -627,7 +629,10 @@ fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
                     .filter_map(|id| grads.get_id(*id))
                     .filter(|t| t.elem_count() == d_out * d_in)
                     .count();
-                assert_eq!(weight_sized, 0, "{dims:?}: a frozen weight's gradient was formed");
+                assert_eq!(
+                    weight_sized, 0,
+                    "{dims:?}: a frozen weight's gradient was formed"
+                );
             }
         }
     }
@@ -639,7 +644,8 @@ fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
     let gw = grads
         .get(wvar.as_tensor())
         .ok_or_else(|| anyhow::anyhow!("no dL/dW for a trainable weight"))?;
-    let expect = Tensor::new(&[[1f32, 2., 3., 4., 5., 6., 7.]], &dev)?.broadcast_as((d_out, d_in))?;
+    let expect =
+        Tensor::new(&[[1f32, 2., 3., 4., 5., 6., 7.]], &dev)?.broadcast_as((d_out, d_in))?;
     assert!(rel(gw, &expect.contiguous()?)? < 1e-6);
     Ok(())
 }

@@ -16,6 +16,8 @@ use crate::storage::{cpu_f32, slab, to_candle, with_f32};
 /// Sequences run in parallel. The same attention from candle ops is [`attention_composed`].
 struct Attention {
     heads: usize,
+    /// Sequences in the batch (the inputs may also come as `(b·s, h)` rows).
+    batch: usize,
     /// Additive key mask `(b, s)`: 0 for tokens, −1e9 for padding.
     mask: Vec<f32>,
     /// `P` `(b, heads, s, s)` from the forward, for the backward.
@@ -24,8 +26,14 @@ struct Attention {
 
 impl Attention {
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
-        let (b, s, h) = l.shape().dims3()?;
-        if !h.is_multiple_of(self.heads) || self.mask.len() != b * s {
+        let (b, s, h) = match *l.dims() {
+            [b, s, h] => (b, s, h),
+            [rows, h] if self.batch > 0 && rows.is_multiple_of(self.batch) => {
+                (self.batch, rows / self.batch, h)
+            }
+            _ => candle_core::bail!("attention: {:?} for {} sequences", l.dims(), self.batch),
+        };
+        if b != self.batch || !h.is_multiple_of(self.heads) || self.mask.len() != b * s {
             candle_core::bail!(
                 "attention: {:?} with {} heads and a mask of {}",
                 l.dims(),
@@ -105,7 +113,7 @@ impl candle_core::CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let start = std::time::Instant::now();
+        let start = profile::Stamp::now();
         let (b, s, h, hd) = self.dims(q.layout())?;
         let probs = self
             .probs
@@ -156,15 +164,16 @@ impl candle_core::CustomOp3 for Attention {
             for d in [&dq, &dk, &dv] {
                 profile::subnormals("attention (bwd)", d);
             }
-            profile::add("attention (bwd)", start.elapsed());
+            profile::add("attention (bwd)", start);
         }
-        let t = |d: Vec<f32>| Tensor::from_vec(d, (b, s, h), q.device());
+        let t = |d: Vec<f32>| Tensor::from_vec(d, q.shape(), q.device());
         Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
     }
 }
 
-/// Multi-head self-attention core on `(b, s, h)` tensors ([`Attention`], one op). `mask` is
-/// `(b, s)`, 1 for tokens and 0 for padding.
+/// Multi-head self-attention core on `(b, s, h)` tensors, or the same as `(b·s, h)` rows
+/// ([`Attention`], one op; the output has the inputs' shape). `mask` is `(b, s)`, 1 for tokens
+/// and 0 for padding.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -172,6 +181,7 @@ pub fn attention(
     heads: usize,
     mask: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    let batch = mask.dim(0)?;
     let mask = mask
         .flatten_all()?
         .to_vec1::<f32>()?
@@ -180,6 +190,7 @@ pub fn attention(
         .collect();
     let op = Attention {
         heads,
+        batch,
         mask,
         probs: std::sync::OnceLock::new(),
     };

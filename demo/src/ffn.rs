@@ -2,14 +2,14 @@
 //! the FFN's first projection + GELU ([`linear_gelu`]), and a projection + residual + layer norm
 //! ([`residual_norm`], the attention-output and FFN-output sub-blocks).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::gemm::{par_gemm_acc, Mat};
-use crate::kernels::{gelu_grad_par, gelu_par};
+use crate::kernels::{gelu_grad_par, gelu_par, par_zeros};
 use crate::linear::{bias_vec, rows_plus_bias, FrozenLinear};
 use crate::norm::LayerNorm;
 use crate::profile;
-use crate::storage::{cpu_f32, to_candle, with_f32};
+use crate::storage::{as_rows, cpu_f32, reshaped, to_candle, with_f32};
 
 /// GELU (erf form, as BERT's "gelu") with a one-pass backward.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +102,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let start = std::time::Instant::now();
+        let start = profile::Stamp::now();
         let z = self
             .z
             .get()
@@ -133,7 +133,7 @@ impl candle_core::CustomOp2 for ResidualNorm {
             None
         };
         if profile::enabled() {
-            profile::add(self.kind, start.elapsed());
+            profile::add(self.kind, start);
         }
         Ok((dx, dr))
     }
@@ -146,24 +146,13 @@ pub fn residual_norm(
     x: &Tensor,
     r: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    residual_norm_kind(proj, norm, x, r, "attn out + norm (bwd)")
-}
-
-/// [`residual_norm`] with the profile's name for its backward.
-pub(crate) fn residual_norm_kind(
-    proj: &FrozenLinear,
-    norm: &LayerNorm,
-    x: &Tensor,
-    r: &Tensor,
-    kind: &'static str,
-) -> candle_core::Result<Tensor> {
     let op = ResidualNorm {
         proj: proj.clone(),
         norm: norm.clone(),
         z: std::sync::OnceLock::new(),
-        kind,
+        kind: "attn out + norm (bwd)",
     };
-    let x2 = x.reshape(((), x.dim(D::Minus1)?))?.contiguous()?;
+    let x2 = as_rows(x)?.contiguous()?;
     x2.apply_op2(&r.contiguous()?, op)
 }
 
@@ -206,7 +195,7 @@ impl CustomOp1 for LinearGelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let start = std::time::Instant::now();
+        let start = profile::Stamp::now();
         let pre = self
             .pre
             .get()
@@ -231,7 +220,7 @@ impl CustomOp1 for LinearGelu {
         })
         .map_err(to_candle)?;
         if profile::enabled() {
-            profile::add("FFN in + GELU (bwd)", start.elapsed());
+            profile::add("FFN in + GELU (bwd)", start);
         }
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
@@ -245,7 +234,152 @@ pub fn linear_gelu(proj: &FrozenLinear, x: &Tensor) -> candle_core::Result<Tenso
     };
     let mut dims = x.dims().to_vec();
     let last = dims.len() - 1;
-    let x2 = x.reshape(((), dims[last]))?.contiguous()?;
+    let x2 = as_rows(x)?.contiguous()?;
     dims[last] = proj.weight.dim(0)?;
-    x2.apply_op1(op)?.reshape(dims)
+    reshaped(&x2.apply_op1(op)?, &dims)
+}
+
+/// The whole feed-forward sub-block `LN(gelu(a·W1ᵀ + b1)·W2ᵀ + b2 + a)` as one op, for `a`
+/// `(tokens, hidden)`. Same arithmetic as [`linear_gelu`] followed by [`residual_norm`], but one
+/// graph node: the `(tokens, 4·hidden)` activation is not kept for the backward (both weights
+/// are frozen, so only the pre-activation and the pre-norm sum are needed), and candle does not
+/// zero-fill and accumulate a gradient buffer for it, nor accumulate `a`'s two gradients
+/// (residual and projection) in separate passes. The backward: `g_z = LN′(z)ᵀ·g`,
+/// `dL/da = g_z + (gelu′(p)∘(g_z·W2))·W1`.
+struct FfnBlock {
+    up: FrozenLinear,
+    down: FrozenLinear,
+    norm: LayerNorm,
+    /// (pre-activation p, pre-norm sum z), saved by the forward.
+    saved: std::sync::OnceLock<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CustomOp1 for FfnBlock {
+    fn name(&self) -> &'static str {
+        "ffn-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let a = cpu_f32(s, l, "FFN input")?;
+        let (mid, hidden) = self.up.weight.dims2()?;
+        let (out, mid2) = self.down.weight.dims2()?;
+        let tokens = a.len() / hidden.max(1);
+        if out != hidden || mid2 != mid || a.len() != tokens * hidden {
+            candle_core::bail!(
+                "FFN block: input {:?}, weights ({mid}, {hidden}) and ({out}, {mid2})",
+                l.dims()
+            );
+        }
+        let start = profile::Stamp::now();
+        let mut pre = rows_plus_bias(&par_zeros(tokens * mid), &bias_vec(&self.up, mid)?);
+        with_f32(&self.up.weight, |w| {
+            par_gemm_acc(
+                &mut pre,
+                a,
+                tokens,
+                hidden,
+                Mat::new("weight", w, mid, hidden)?.t(),
+            )?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        let mut act = par_zeros(pre.len());
+        gelu_par(&mut act, &pre);
+        profile::subnormals("FFN in + GELU (fwd)", &act);
+        if profile::enabled() {
+            profile::add("FFN in + GELU (fwd)", start);
+        }
+        let start = profile::Stamp::now();
+        let mut z = rows_plus_bias(a, &bias_vec(&self.down, out)?);
+        with_f32(&self.down.weight, |w| {
+            par_gemm_acc(
+                &mut z,
+                &act,
+                tokens,
+                mid,
+                Mat::new("weight", w, out, mid)?.t(),
+            )?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        drop(act);
+        let mut y = par_zeros(z.len());
+        self.norm.forward_rows(&mut y, &z);
+        let _ = self.saved.set((pre, z));
+        if profile::enabled() {
+            profile::add("FFN out + norm (fwd)", start);
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let start = profile::Stamp::now();
+        let (pre, z) = self
+            .saved
+            .get()
+            .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
+        let (mid, hidden) = self.up.weight.dims2()?;
+        let tokens = z.len() / hidden.max(1);
+        let mut gz = par_zeros(z.len());
+        with_f32(g, |g| {
+            self.norm.backward_rows(&mut gz, z, g);
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        profile::subnormals("FFN out + norm (bwd)", &gz);
+        let mut dact = par_zeros(pre.len());
+        with_f32(&self.down.weight, |w| {
+            par_gemm_acc(
+                &mut dact,
+                &gz,
+                tokens,
+                hidden,
+                Mat::new("weight", w, hidden, mid)?,
+            )?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        if profile::enabled() {
+            profile::add("FFN out + norm (bwd)", start);
+        }
+        let start = profile::Stamp::now();
+        let mut dpre = par_zeros(pre.len());
+        gelu_grad_par(&mut dpre, pre, &dact);
+        drop(dact);
+        profile::subnormals("FFN in + GELU (bwd)", &dpre);
+        // dL/da = g_z (the residual) + dpre·W1, accumulated in place.
+        with_f32(&self.up.weight, |w| {
+            par_gemm_acc(
+                &mut gz,
+                &dpre,
+                tokens,
+                mid,
+                Mat::new("weight", w, mid, hidden)?,
+            )?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        if profile::enabled() {
+            profile::add("FFN in + GELU (bwd)", start);
+        }
+        Ok(Some(Tensor::from_vec(gz, a.shape(), a.device())?))
+    }
+}
+
+/// `LN(gelu(a·W1ᵀ + b1)·W2ᵀ + b2 + a)` for `a` `(..., hidden)` ([`FfnBlock`]): `up` is the FFN's
+/// first projection (`(4·hidden, hidden)`), `down` its second, `norm` the output layer norm.
+pub fn ffn_block(
+    up: &FrozenLinear,
+    down: &FrozenLinear,
+    norm: &LayerNorm,
+    a: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let op = FfnBlock {
+        up: up.clone(),
+        down: down.clone(),
+        norm: norm.clone(),
+        saved: std::sync::OnceLock::new(),
+    };
+    let a2 = as_rows(a)?.contiguous()?;
+    reshaped(&a2.apply_op1(op)?, a.dims())
 }

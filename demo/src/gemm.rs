@@ -102,11 +102,49 @@ fn matmul_into(
         }
         return Ok(());
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    // Split the rows of dst across the threads, each running the single-threaded kernel: on
+    // two cores this keeps both busy for every shape here, where the kernel's own threading
+    // leaves some shapes (k = 384) on one core. Each block re-packs b (O(k·n), against
+    // O(m·k·n / threads) of work).
+    let blocks = threads.min(m / MIN_ROWS_PER_THREAD).max(1);
+    if blocks > 1 {
+        let rows = m.div_ceil(blocks);
+        use rayon::prelude::*;
+        let used = (m * dst_row_stride).min(dst.len());
+        return dst[..used]
+            .par_chunks_mut(rows * dst_row_stride)
+            .enumerate()
+            .try_for_each(|(i, d)| {
+                let r0 = i * rows;
+                let a = Mat {
+                    data: a.data.get(r0 * a.row_stride..).unwrap_or_default(),
+                    rows: rows.min(m - r0),
+                    ..a
+                };
+                gemm_on_thread(d, dst_row_stride, a, b, accumulate)
+            });
+    }
+    gemm_on_thread(dst, dst_row_stride, a, b, accumulate)
+}
+
+/// Below this many rows per thread, one thread does the product.
+const MIN_ROWS_PER_THREAD: usize = 64;
+
+/// The `gemm` crate's kernel on the calling thread, for operands already checked by
+/// [`matmul_into`] (or a row block of them).
+fn gemm_on_thread(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let fits = extent(m, n, dst_row_stride, 1).is_some_and(|e| e <= dst.len())
+        && extent(m, k, a.row_stride, a.col_stride).is_some_and(|e| e <= a.data.len());
+    if !fits {
+        bail!("matrix product: a row block does not fit its buffers");
+    }
     // SAFETY: every index the kernel touches — (i, j) < (m, n) at i·dst_row_stride + j in dst,
     // and the views' extents in a and b — was checked above or in `Mat::strided` against the
     // slice lengths; dst is borrowed mutably and so aliases neither a nor b.
@@ -130,7 +168,7 @@ fn matmul_into(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
     Ok(())

@@ -168,3 +168,11 @@ pub(crate) fn gelu_grad_par(d: &mut [f32], x: &[f32], g: &[f32]) {
         .zip(g.par_chunks(ELEMS_PER_TASK))
         .for_each(|((dc, xc), gc)| simd::gelu_grad(dc, xc, gc));
 }
+
+/// A zero-filled vector of `len` values, written by all rayon threads (a serial `vec![0; len]`
+/// of a freed-and-reused buffer is a memset on one core).
+pub(crate) fn par_zeros(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0f32, len));
+    v
+}

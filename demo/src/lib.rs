@@ -12,11 +12,12 @@
 //!   merge copies) around a fused masked softmax, with a hand-written backward from the saved
 //!   probabilities; sequences run in parallel ([`attention_composed`] is the same from candle
 //!   ops, for tests);
-//! - attention output + residual + layer norm as one op ([`residual_norm`]), the FFN's first
-//!   projection + GELU (erf form) as one op ([`linear_gelu`]), and FFN output + residual + layer
-//!   norm ([`residual_norm`] again), each with a hand-written backward (candle's fused
-//!   `LayerNorm` has no backward; [`LayerNorm::forward_composed`] and [`gelu`] are the
-//!   single-step versions the tests compare with);
+//! - attention output + residual + layer norm as one op ([`residual_norm`]), and the whole
+//!   feed-forward sub-block — first projection, GELU (erf form), second projection, residual,
+//!   layer norm — as one op ([`ffn_block`]; its halves exist alone as [`linear_gelu`] and
+//!   [`residual_norm`], which the tests compare it with), each with a hand-written backward
+//!   (candle's fused `LayerNorm` has no backward; [`LayerNorm::forward_composed`] and [`gelu`]
+//!   are the single-step versions the tests compare with);
 //! - the sentence embedding is the mask-weighted mean of the last hidden states.
 //!
 //! Query and value are [`Proj::Fourier`], [`Proj::Lora`] (a minimal LoRA, the baseline) or
@@ -42,7 +43,7 @@ pub mod tokenizer;
 
 pub use attention::{attention, attention_composed};
 pub use config::{Adapter, Config, LoraConfig};
-pub use ffn::{gelu, linear_gelu, residual_norm};
+pub use ffn::{ffn_block, gelu, linear_gelu, residual_norm};
 pub use linear::FrozenLinear;
 pub use model::{mean_pool, tune_runtime, Encoder};
 pub use norm::LayerNorm;

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::kernels::ROWS_PER_TASK;
+use crate::storage::{as_rows, reshaped};
 
 /// A linear layer whose weight and bias are never trained.
 #[derive(Debug, Clone)]
@@ -38,12 +39,13 @@ impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let (inp, out) = (dims[dims.len() - 1], self.weight.dim(0)?);
-        let x2 = x.reshape(((), inp))?;
+        let _ = inp;
+        let x2 = as_rows(x)?;
         let y = fourierft::ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())
             .map_err(fourierft::Error::into_candle)?;
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = out;
-        y.reshape(out_dims)
+        reshaped(&y, &out_dims)
     }
 }
 
@@ -58,7 +60,7 @@ pub(crate) fn bias_vec(proj: &FrozenLinear, out: usize) -> candle_core::Result<V
 /// `rows[t] = init[t] + bias` for every row `t` (of `bias.len()` values), in parallel.
 pub(crate) fn rows_plus_bias(init: &[f32], bias: &[f32]) -> Vec<f32> {
     let n = bias.len();
-    let mut out = vec![0f32; init.len()];
+    let mut out = crate::kernels::par_zeros(init.len());
     out.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(init.par_chunks(n * ROWS_PER_TASK))
         .for_each(|(oc, ic)| {

@@ -102,7 +102,7 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let start = std::time::Instant::now();
+        let start = profile::Stamp::now();
         let dx = with_f32(x, |x| {
             with_f32(g, |g| {
                 let mut dx = vec![0f32; x.len()];
@@ -112,7 +112,7 @@ impl CustomOp1 for LayerNorm {
         })
         .map_err(to_candle)?;
         if profile::enabled() {
-            profile::add("embeddings + norm (bwd)", start.elapsed());
+            profile::add("embeddings + norm (bwd)", start);
         }
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 #[derive(Default, Clone, Copy)]
 struct Entry {
     time: Duration,
+    /// Process CPU time (all threads) over the same intervals: `cpu / time` is how many cores
+    /// the kind kept busy.
+    cpu: Duration,
     calls: u64,
     values: u64,
     subnormal: u64,
@@ -33,20 +36,63 @@ fn with(kind: &'static str, f: impl FnOnce(&mut Entry)) {
     f(t.entry(kind).or_default());
 }
 
-/// Runs `f`, adding its wall time to `kind` when profiling.
+/// CPU time of the whole process so far (user + system, all threads).
+pub fn process_cpu() -> Duration {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes into the zeroed struct we own.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+            let tv = |t: libc::timeval| {
+                Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+            };
+            return tv(ru.ru_utime) + tv(ru.ru_stime);
+        }
+    }
+    Duration::ZERO
+}
+
+/// A point in time on both clocks.
+#[derive(Clone, Copy)]
+pub struct Stamp {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Stamp {
+    /// (The CPU clock is read only while profiling: it is a system call.)
+    pub fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: if enabled() {
+                process_cpu()
+            } else {
+                Duration::ZERO
+            },
+        }
+    }
+}
+
+/// Runs `f`, adding its wall and CPU time to `kind` when profiling.
 pub fn time<R>(kind: &'static str, f: impl FnOnce() -> R) -> R {
     if !enabled() {
         return f();
     }
-    let start = Instant::now();
+    let start = Stamp::now();
     let r = f();
-    add(kind, start.elapsed());
+    add(kind, start);
     r
 }
 
-pub fn add(kind: &'static str, d: Duration) {
+/// Adds the interval from `start` to now to `kind`.
+pub fn add(kind: &'static str, start: Stamp) {
+    let (wall, cpu) = (
+        start.wall.elapsed(),
+        process_cpu().saturating_sub(start.cpu),
+    );
     with(kind, |e| {
-        e.time += d;
+        e.time += wall;
+        e.cpu += cpu;
         e.calls += 1;
     });
 }
@@ -76,18 +122,20 @@ pub fn report(steps: usize) -> String {
         ("step: forward (all)", "(fwd)", "rest (fwd)"),
         ("step: backward (all)", "(bwd)", "rest (bwd)"),
     ] {
-        let Some(all) = t.get(total).map(|e| e.time) else {
+        let Some((all, all_cpu)) = t.get(total).map(|e| (e.time, e.cpu)) else {
             continue;
         };
-        let parts: Duration = t
+        let (parts, parts_cpu) = t
             .iter()
             .filter(|(k, _)| k.ends_with(suffix))
-            .map(|(_, e)| e.time)
-            .sum();
+            .fold((Duration::ZERO, Duration::ZERO), |(w, c), (_, e)| {
+                (w + e.time, c + e.cpu)
+            });
         t.insert(
             rest,
             Entry {
                 time: all.saturating_sub(parts),
+                cpu: all_cpu.saturating_sub(parts_cpu),
                 ..Default::default()
             },
         );
@@ -98,8 +146,8 @@ pub fn report(steps: usize) -> String {
         .map(|(_, e)| e.time.as_secs_f64())
         .sum();
     let mut out = format!(
-        "{:<34} {:>10} {:>10} {:>7} {:>8} {:>14}\n",
-        "op kind", "total ms", "ms/step", "calls", "% timed", "subnormal ops"
+        "{:<34} {:>10} {:>10} {:>10} {:>6} {:>7} {:>8} {:>14}\n",
+        "op kind", "total ms", "ms/step", "CPU ms/st", "cores", "calls", "% timed", "subnormal ops"
     );
     for (k, e) in t.iter() {
         let ms = e.time.as_secs_f64() * 1e3;
@@ -112,9 +160,12 @@ pub fn report(steps: usize) -> String {
         } else {
             "-".into()
         };
+        let cpu_ms = e.cpu.as_secs_f64() * 1e3;
         out += &format!(
-            "{k:<34} {ms:>10.0} {:>10.1} {:>7} {:>7.1}% {sub:>14}\n",
+            "{k:<34} {ms:>10.0} {:>10.1} {:>10.1} {:>6.2} {:>7} {:>7.1}% {sub:>14}\n",
             ms / steps.max(1) as f64,
+            cpu_ms / steps.max(1) as f64,
+            if ms > 0.0 { cpu_ms / ms } else { 0.0 },
             e.calls,
             if k.starts_with("step") {
                 100.0
@@ -131,7 +182,7 @@ pub fn report(steps: usize) -> String {
 pub struct Mark {
     pub kind: &'static str,
     pub start: bool,
-    pub clock: std::sync::Arc<Mutex<Option<Instant>>>,
+    pub clock: std::sync::Arc<Mutex<Option<Stamp>>>,
 }
 
 impl candle_core::CustomOp1 for Mark {
@@ -156,12 +207,12 @@ impl candle_core::CustomOp1 for Mark {
     ) -> candle_core::Result<Option<candle_core::Tensor>> {
         let mut c = self.clock.lock().unwrap_or_else(|e| e.into_inner());
         if self.start {
-            *c = Some(Instant::now());
+            *c = Some(Stamp::now());
             if let Ok(v) = g.flatten_all().and_then(|g| g.to_vec1::<f32>()) {
                 subnormals("grad into adapted q/v (bwd)", &v);
             }
         } else if let Some(t) = c.take() {
-            add(self.kind, t.elapsed());
+            add(self.kind, t);
         }
         Ok(Some(g.clone()))
     }

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{Adapter, LoraConfig};
 use crate::linear::FrozenLinear;
+use crate::storage::{as_rows, reshaped};
 
 /// LoRA on a frozen linear layer.
 #[derive(Debug, Clone)]
@@ -48,12 +49,11 @@ impl LoraLinear {
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;
-        let dims = x.dims().to_vec();
-        let x2 = x.reshape(((), dims[dims.len() - 1]))?;
+        let x2 = as_rows(x)?;
         let up = x2
             .matmul(&self.a.as_tensor().t()?)?
             .matmul(&self.b.as_tensor().t()?)?;
-        let up = (up * self.scale)?.reshape(y.shape())?;
+        let up = reshaped(&(up * self.scale)?, y.dims())?;
         y + up
     }
 }

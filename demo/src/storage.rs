@@ -38,3 +38,19 @@ pub(crate) fn to_candle(e: anyhow::Error) -> candle_core::Error {
 pub(crate) fn slab(t: &[f32], i: usize, len: usize) -> &[f32] {
     &t[i * len..(i + 1) * len]
 }
+
+/// `t` with dims `dims`, and `t` itself — no graph node — when it already has them (candle's
+/// `reshape` always records one, whose backward zero-fills and accumulates a gradient copy).
+pub(crate) fn reshaped(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+    if t.dims() == dims {
+        Ok(t.clone())
+    } else {
+        t.reshape(dims)
+    }
+}
+
+/// `t` as a `(rows, last dim)` matrix ([`reshaped`]).
+pub(crate) fn as_rows(t: &Tensor) -> candle_core::Result<Tensor> {
+    let last = t.dim(candle_core::D::Minus1)?;
+    reshaped(t, &[t.elem_count() / last.max(1), last])
+}

@@ -128,5 +128,10 @@ fn fused_sublayer_ops_match_composed() -> Result<()> {
     let (g1, g2) = (grad_of(&a, &y1, &r)?, grad_of(&a, &y2, &r)?);
     let d = max_abs_diff(&g1, &g2)?;
     assert!(d < 1e-4, "fused sub-layer gradient differs by {d}");
+    // The whole block as one op: same value and gradient as the two ops.
+    let y3 = bert::ffn_block(&proj_up, &proj_down, &norm, &a)?;
+    assert!(max_abs_diff(&y3, &y1)? < 1e-5);
+    let d = max_abs_diff(&grad_of(&a, &y3, &r)?, &g1)?;
+    assert!(d < 1e-5, "FFN block gradient differs by {d}");
     Ok(())
 }

@@ -5,7 +5,7 @@ use super::adapter::LayerAdapter;
 use super::handle::{FourierLinear, State};
 use super::mode::ForwardMode;
 use crate::error::{dims_str, Error, Result};
-use crate::ops::{add_to_frozen, fourier_linear, frozen_linear, spectral_linear};
+use crate::ops::{add_to_frozen, fourier_linear, frozen_linear, reshaped, spectral_linear};
 use candle_core::{DType, Module, Tensor};
 
 impl FourierLinear {
@@ -94,7 +94,7 @@ impl FourierLinear {
     /// O(d log d) per token to the frozen base; `Auto` picks the cheaper.
     pub fn try_forward(&self, x: &Tensor) -> Result<Tensor> {
         let tokens = self.check_input(x)?;
-        let x2 = x.reshape((tokens, self.in_features))?;
+        let x2 = reshaped(x, &[tokens, self.in_features])?;
         let st = self.read();
         let active: Vec<&LayerAdapter> = st
             .active
@@ -139,7 +139,7 @@ impl FourierLinear {
         let mut out_dims = x.dims().to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        Ok(reshaped(&y, &out_dims)?)
     }
 
     /// Forward for a batch whose rows use different adapters: row `b` of `x` (shape
@@ -171,7 +171,7 @@ impl FourierLinear {
         }
         let st = self.read();
         self.ensure_unmerged(&st, "run a mixed-adapter batch")?;
-        let x2 = x.reshape((tokens, self.in_features))?;
+        let x2 = reshaped(x, &[tokens, self.in_features])?;
         let mut y = self.base_forward(&st, &x2)?;
         let per_row = tokens / batch.max(1);
         let mut names: Vec<&str> = adapters.iter().flatten().copied().collect();
@@ -196,7 +196,7 @@ impl FourierLinear {
         let mut out_dims = x.dims().to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        Ok(reshaped(&y, &out_dims)?)
     }
 }
 

@@ -97,9 +97,8 @@ impl<'a> Mat<'a> {
 /// result row-major with `dst_row_stride ≥ b.cols()` values per row (so it can be a column block
 /// of a wider matrix), on `threads` of rayon's threads (1: the calling thread).
 ///
-/// The crate's one `unsafe` block: the `gemm` crate's entry point takes raw pointers and strides;
-/// every extent is checked here first.
-#[allow(unsafe_code)]
+/// The crate's one `unsafe` block (in [`gemm_on_thread`]): the `gemm` crate's entry point takes
+/// raw pointers and strides; every extent is checked first.
 pub(crate) fn matmul_into(
     dst: &mut [f32],
     dst_row_stride: usize,
@@ -128,11 +127,54 @@ pub(crate) fn matmul_into(
         }
         return Ok(());
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    // Split the rows of dst across the threads, each running the kernel single-threaded: the
+    // `gemm` crate's own threading leaves some shapes (k = 384, square 384×384 products) on
+    // one core of two. Each block re-packs b (O(k·n), against O(m·k·n / threads) of work).
+    let blocks = threads.min(m / MIN_ROWS_PER_THREAD).max(1);
+    if blocks > 1 {
+        use rayon::prelude::*;
+        let rows = m.div_ceil(blocks);
+        let used = (m * dst_row_stride).min(dst.len());
+        return dst[..used]
+            .par_chunks_mut(rows * dst_row_stride)
+            .enumerate()
+            .try_for_each(|(i, d)| {
+                let r0 = i * rows;
+                let a = Mat {
+                    data: a.data.get(r0 * a.row_stride..).unwrap_or_default(),
+                    rows: rows.min(m - r0),
+                    ..a
+                };
+                gemm_on_thread(d, dst_row_stride, a, b, accumulate)
+            });
+    }
+    gemm_on_thread(dst, dst_row_stride, a, b, accumulate)
+}
+
+/// Below this many rows per thread, one thread does the product.
+const MIN_ROWS_PER_THREAD: usize = 64;
+
+/// The `gemm` crate's kernel on the calling thread, for operands checked by [`matmul_into`] (or
+/// a row block of them, checked again here).
+#[allow(unsafe_code)]
+fn gemm_on_thread(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let fits = extent(m, n, dst_row_stride, 1).is_some_and(|e| e <= dst.len())
+        && extent(m, k, a.row_stride, a.col_stride).is_some_and(|e| e <= a.data.len())
+        && extent(k, n, b.row_stride, b.col_stride).is_some_and(|e| e <= b.data.len());
+    if !fits || b.rows != k {
+        return Err(Error::Shape {
+            what: "matrix product (row block)".into(),
+            expected: format!("({m}, {k}) · ({k}, {n}) inside the buffers"),
+            found: format!("{} / {} / {} values", a.data.len(), b.data.len(), dst.len()),
+        });
+    }
     // SAFETY: every index the kernel touches — (i, j) < (m, n) at i·dst_row_stride + j in dst,
     // and the views' extents in a and b — was checked above or in `Mat::strided` against the
     // slice lengths; dst is borrowed mutably and so aliases neither a nor b.
@@ -156,7 +198,7 @@ pub(crate) fn matmul_into(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
     Ok(())
@@ -222,6 +264,41 @@ mod tests {
         let y = linear(Mat::new("x", &a, m, k)?, Mat::new("w", &bt, n, k)?, &bias)?;
         for (i, (g, w)) in y.iter().zip(&want).enumerate() {
             assert!((g - (w + bias[i % n])).abs() < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn row_blocks_on_several_threads_equal_the_product() -> Result<()> {
+        // m large enough to split (2 and 3 blocks, uneven), a transposed `a`, accumulation into
+        // a column block of a wider destination whose last row is short.
+        for (m, threads) in [(131, 2), (200, 3), (64, 2)] {
+            let (k, n, stride) = (9, 5, 8);
+            let at: Vec<f32> = (0..k * m).map(|i| (i as f32 * 0.23).sin()).collect();
+            let a: Vec<f32> = (0..m * k).map(|i| at[(i % k) * m + i / k]).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+            let want = naive(&a, &b, m, k, n);
+            let mut dst: Vec<f32> = (0..(m - 1) * stride + n).map(|i| i as f32).collect();
+            let before = dst.clone();
+            let a_view = Mat::new("at", &at, k, m)?.t();
+            matmul_into(
+                &mut dst,
+                stride,
+                a_view,
+                Mat::new("b", &b, k, n)?,
+                true,
+                threads,
+            )?;
+            for i in 0..m {
+                for j in 0..stride.min(dst.len() - i * stride) {
+                    let (g, b0) = (dst[i * stride + j], before[i * stride + j]);
+                    if j < n {
+                        assert!((g - b0 - want[i * n + j]).abs() < 1e-4, "m={m} ({i},{j})");
+                    } else {
+                        assert_eq!(g, b0, "m={m}: column {j} outside the block was written");
+                    }
+                }
+            }
         }
         Ok(())
     }

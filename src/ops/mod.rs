@@ -21,9 +21,20 @@ pub use spectral_linear::spectral_linear;
 
 use crate::error::Error;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, Layout, Tensor};
 
 /// Borrows the contiguous f32 data of a CPU custom-op argument.
+/// `t` with dims `dims`, and `t` itself — no graph node — when it already has them. candle's
+/// `reshape` always records a node, and its backward zero-fills a gradient buffer for the input
+/// and adds the reshaped gradient into it: two passes over the activation for nothing.
+pub(crate) fn reshaped(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+    if t.dims() == dims {
+        Ok(t.clone())
+    } else {
+        t.reshape(dims)
+    }
+}
+
 pub(crate) fn f32_slice<'a>(
     what: &str,
     storage: &'a CpuStorage,
