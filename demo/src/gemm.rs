@@ -121,23 +121,30 @@ fn matmul_into(
                     rows: rows.min(m - r0),
                     ..a
                 };
-                gemm_on_thread(d, dst_row_stride, a, b, accumulate)
+                gemm_call(d, dst_row_stride, a, b, accumulate, gemm::Parallelism::None)
             });
     }
-    gemm_on_thread(dst, dst_row_stride, a, b, accumulate)
+    // Too few rows to share: the kernel's own threading (over columns).
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_call(dst, dst_row_stride, a, b, accumulate, parallelism)
 }
 
 /// Below this many rows per thread, one thread does the product.
 const MIN_ROWS_PER_THREAD: usize = 64;
 
-/// The `gemm` crate's kernel on the calling thread, for operands already checked by
-/// [`matmul_into`] (or a row block of them).
-fn gemm_on_thread(
+/// The `gemm` crate's kernel, for operands already checked by [`matmul_into`] (or a row block
+/// of them, checked again here).
+fn gemm_call(
     dst: &mut [f32],
     dst_row_stride: usize,
     a: Mat,
     b: Mat,
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let fits = extent(m, n, dst_row_stride, 1).is_some_and(|e| e <= dst.len())
@@ -168,7 +175,7 @@ fn gemm_on_thread(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
     Ok(())

@@ -97,7 +97,7 @@ impl<'a> Mat<'a> {
 /// result row-major with `dst_row_stride ≥ b.cols()` values per row (so it can be a column block
 /// of a wider matrix), on `threads` of rayon's threads (1: the calling thread).
 ///
-/// The crate's one `unsafe` block (in [`gemm_on_thread`]): the `gemm` crate's entry point takes
+/// The crate's one `unsafe` block (in [`gemm_call`]): the `gemm` crate's entry point takes
 /// raw pointers and strides; every extent is checked first.
 pub(crate) fn matmul_into(
     dst: &mut [f32],
@@ -145,24 +145,31 @@ pub(crate) fn matmul_into(
                     rows: rows.min(m - r0),
                     ..a
                 };
-                gemm_on_thread(d, dst_row_stride, a, b, accumulate)
+                gemm_call(d, dst_row_stride, a, b, accumulate, gemm::Parallelism::None)
             });
     }
-    gemm_on_thread(dst, dst_row_stride, a, b, accumulate)
+    // Too few rows to share: the kernel's own threading (over columns).
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_call(dst, dst_row_stride, a, b, accumulate, parallelism)
 }
 
 /// Below this many rows per thread, one thread does the product.
 const MIN_ROWS_PER_THREAD: usize = 64;
 
-/// The `gemm` crate's kernel on the calling thread, for operands checked by [`matmul_into`] (or
-/// a row block of them, checked again here).
+/// The `gemm` crate's kernel, for operands checked by [`matmul_into`] (or a row block of them,
+/// checked again here).
 #[allow(unsafe_code)]
-fn gemm_on_thread(
+fn gemm_call(
     dst: &mut [f32],
     dst_row_stride: usize,
     a: Mat,
     b: Mat,
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let fits = extent(m, n, dst_row_stride, 1).is_some_and(|e| e <= dst.len())
@@ -198,7 +205,7 @@ fn gemm_on_thread(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
     Ok(())
