@@ -13,6 +13,12 @@ use crate::ops::DeltaWeight;
 pub use crate::entries::ColumnGroups;
 pub use crate::spectral::{fft, forward, phase, portable};
 
+/// f32 products on checked strided views through the `gemm` crate, split by rows across rayon's
+/// threads (what the fused CPU ops use; the demo crate's ops use it too).
+pub mod gemm {
+    pub use crate::ops::gemm::{matmul_into, Mat};
+}
+
 /// PEFT's seeded `torch.randperm`: a port of torch's MT19937 and both `randperm` branches.
 pub mod torch_rng {
     pub use crate::entries::torch_rng::{randperm_prefix, Mt19937, RANDPERM_SMALL_LIMIT};

@@ -1,7 +1,8 @@
 //! f32 matrix products on CPU through the `gemm` crate (the kernels behind candle's CPU matmul),
 //! on checked strided views: the fused ops accumulate into a bias-initialised output and read
 //! transposed operands through strides, so no copy, broadcast pass or zero-filled buffer is
-//! needed. Crate-private: only the fused ops use it.
+//! needed. Not public API: the fused ops use it, and `fourierft::internals::gemm` lends it to the
+//! demo crate's ops.
 
 use crate::error::{Error, Result};
 use candle_core::Layout;
@@ -9,7 +10,7 @@ use candle_core::Layout;
 /// A read-only strided view of an f32 buffer: element `(i, j)` is
 /// `data[i·row_stride + j·col_stride]`, checked on construction to stay inside `data`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Mat<'a> {
+pub struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -30,13 +31,13 @@ fn extent(rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> Opt
 
 impl<'a> Mat<'a> {
     /// A contiguous row-major `rows × cols` matrix (`what` names it in errors).
-    pub(crate) fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+    pub fn new(what: &str, data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
         Self::strided(what, data, rows, cols, cols, 1)
     }
 
     /// A strided view: element `(i, j)` at `data[i·row_stride + j·col_stride]`. An
     /// [`Error::Shape`] if it would reach past `data`.
-    pub(crate) fn strided(
+    pub fn strided(
         what: &str,
         data: &'a [f32],
         rows: usize,
@@ -77,12 +78,17 @@ impl<'a> Mat<'a> {
     }
 
     /// Number of rows.
-    pub(crate) fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The transpose (a view; nothing is copied).
-    pub(crate) fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -99,7 +105,7 @@ impl<'a> Mat<'a> {
 ///
 /// The crate's one `unsafe` block (in [`gemm_call`]): the `gemm` crate's entry point takes
 /// raw pointers and strides; every extent is checked first.
-pub(crate) fn matmul_into(
+pub fn matmul_into(
     dst: &mut [f32],
     dst_row_stride: usize,
     a: Mat,

@@ -10,7 +10,7 @@
 mod delta_weight;
 mod fourier_linear;
 mod frozen;
-mod gemm;
+pub(crate) mod gemm;
 pub(crate) mod half;
 mod spectral_linear;
 
