@@ -4,9 +4,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::gemm::{par_gemm_acc, Mat};
 use crate::kernels::{gelu_grad_par, gelu_par, par_zeros};
-use crate::linear::{bias_vec, rows_plus_bias, FrozenLinear};
+use crate::linear::FrozenLinear;
 use crate::norm::LayerNorm;
 use crate::profile;
 use crate::storage::{as_rows, cpu_f32, reshaped, to_candle, with_f32};
@@ -22,20 +21,11 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        gelu_par(&mut y, x);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_par(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = with_f32(x, |x| {
-            with_f32(g, |g| {
-                let mut dx = vec![0f32; x.len()];
-                gelu_grad_par(&mut dx, x, g);
-                Ok(dx)
-            })
-        })
-        .map_err(to_candle)?;
+        let dx = with_f32(x, |x| with_f32(g, |g| Ok(gelu_grad_par(x, g)))).map_err(to_candle)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -74,23 +64,10 @@ impl candle_core::CustomOp2 for ResidualNorm {
             cpu_f32(xs, xl, "projection input")?,
             cpu_f32(rs, rl, "residual")?,
         );
-        let (out, inp) = self.proj.weight.dims2()?;
-        let tokens = r.len() / out;
-        if x.len() != tokens * inp || r.len() != tokens * out {
-            candle_core::bail!(
-                "residual norm: input {:?}, residual {:?}, weight ({out}, {inp})",
-                xl.dims(),
-                rl.dims()
-            );
-        }
-        let mut z = rows_plus_bias(r, &bias_vec(&self.proj, out)?);
-        with_f32(&self.proj.weight, |w| {
-            par_gemm_acc(&mut z, x, tokens, inp, Mat::new("weight", w, out, inp)?.t())?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
-        let mut y = vec![0f32; z.len()];
-        self.norm.forward_rows(&mut y, &z);
+        let out = self.proj.weight.dim(0)?;
+        let tokens = r.len() / out.max(1);
+        let z = self.proj.project_rows(x, tokens, Some(r))?;
+        let y = self.norm.forward_rows(&z);
         let _ = self.z.set(z);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
     }
@@ -108,21 +85,12 @@ impl candle_core::CustomOp2 for ResidualNorm {
             .get()
             .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
         let (out, inp) = self.proj.weight.dims2()?;
-        let tokens = z.len() / out;
-        let mut gz = vec![0f32; z.len()];
-        with_f32(g, |g| {
-            self.norm.backward_rows(&mut gz, z, g);
-            Ok(())
-        })
-        .map_err(to_candle)?;
+        let tokens = z.len() / out.max(1);
+        let gz = with_f32(g, |g| Ok(self.norm.backward_rows(z, g))).map_err(to_candle)?;
         profile::subnormals(self.kind, &gz);
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; tokens * inp];
-            with_f32(&self.proj.weight, |w| {
-                par_gemm_acc(&mut dx, &gz, tokens, out, Mat::new("weight", w, out, inp)?)?;
-                Ok(())
-            })
-            .map_err(to_candle)?;
+            let mut dx = par_zeros(tokens * inp);
+            self.proj.back_rows(&mut dx, &gz, tokens)?;
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             None
@@ -171,24 +139,9 @@ impl CustomOp1 for LinearGelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "linear-gelu input")?;
         let (out, inp) = self.proj.weight.dims2()?;
-        let tokens = x.len() / inp;
-        if x.len() != tokens * inp {
-            candle_core::bail!("linear-gelu: input {:?}, weight ({out}, {inp})", l.dims());
-        }
-        let mut pre = rows_plus_bias(&vec![0f32; tokens * out], &bias_vec(&self.proj, out)?);
-        with_f32(&self.proj.weight, |w| {
-            par_gemm_acc(
-                &mut pre,
-                x,
-                tokens,
-                inp,
-                Mat::new("weight", w, out, inp)?.t(),
-            )?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
-        let mut y = vec![0f32; pre.len()];
-        gelu_par(&mut y, &pre);
+        let tokens = x.len() / inp.max(1);
+        let pre = self.proj.project_rows(x, tokens, None)?;
+        let y = gelu_par(&pre);
         profile::subnormals("FFN in + GELU (fwd)", &y);
         let _ = self.pre.set(pre);
         Ok((CpuStorage::F32(y), Shape::from((tokens, out))))
@@ -201,24 +154,11 @@ impl CustomOp1 for LinearGelu {
             .get()
             .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
         let (out, inp) = self.proj.weight.dims2()?;
-        let tokens = pre.len() / out;
-        let mut dpre = vec![0f32; pre.len()];
-        let mut dx = vec![0f32; tokens * inp];
-        with_f32(g, |g| {
-            gelu_grad_par(&mut dpre, pre, g);
-            profile::subnormals("FFN in + GELU (bwd)", &dpre);
-            with_f32(&self.proj.weight, |w| {
-                par_gemm_acc(
-                    &mut dx,
-                    &dpre,
-                    tokens,
-                    out,
-                    Mat::new("weight", w, out, inp)?,
-                )?;
-                Ok(())
-            })
-        })
-        .map_err(to_candle)?;
+        let tokens = pre.len() / out.max(1);
+        let dpre = with_f32(g, |g| Ok(gelu_grad_par(pre, g))).map_err(to_candle)?;
+        profile::subnormals("FFN in + GELU (bwd)", &dpre);
+        let mut dx = par_zeros(tokens * inp);
+        self.proj.back_rows(&mut dx, &dpre, tokens)?;
         if profile::enabled() {
             profile::add("FFN in + GELU (bwd)", start);
         }
@@ -271,40 +211,16 @@ impl CustomOp1 for FfnBlock {
             );
         }
         let start = profile::Stamp::now();
-        let mut pre = rows_plus_bias(&par_zeros(tokens * mid), &bias_vec(&self.up, mid)?);
-        with_f32(&self.up.weight, |w| {
-            par_gemm_acc(
-                &mut pre,
-                a,
-                tokens,
-                hidden,
-                Mat::new("weight", w, mid, hidden)?.t(),
-            )?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
-        let mut act = par_zeros(pre.len());
-        gelu_par(&mut act, &pre);
+        let pre = self.up.project_rows(a, tokens, None)?;
+        let act = gelu_par(&pre);
         profile::subnormals("FFN in + GELU (fwd)", &act);
         if profile::enabled() {
             profile::add("FFN in + GELU (fwd)", start);
         }
         let start = profile::Stamp::now();
-        let mut z = rows_plus_bias(a, &bias_vec(&self.down, out)?);
-        with_f32(&self.down.weight, |w| {
-            par_gemm_acc(
-                &mut z,
-                &act,
-                tokens,
-                mid,
-                Mat::new("weight", w, out, mid)?.t(),
-            )?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
+        let z = self.down.project_rows(&act, tokens, Some(a))?;
         drop(act);
-        let mut y = par_zeros(z.len());
-        self.norm.forward_rows(&mut y, &z);
+        let y = self.norm.forward_rows(&z);
         let _ = self.saved.set((pre, z));
         if profile::enabled() {
             profile::add("FFN out + norm (fwd)", start);
@@ -318,47 +234,21 @@ impl CustomOp1 for FfnBlock {
             .saved
             .get()
             .ok_or_else(|| candle_core::Error::msg("backward before forward"))?;
-        let (mid, hidden) = self.up.weight.dims2()?;
+        let hidden = self.up.weight.dim(1)?;
         let tokens = z.len() / hidden.max(1);
-        let mut gz = par_zeros(z.len());
-        with_f32(g, |g| {
-            self.norm.backward_rows(&mut gz, z, g);
-            Ok(())
-        })
-        .map_err(to_candle)?;
+        let mut gz = with_f32(g, |g| Ok(self.norm.backward_rows(z, g))).map_err(to_candle)?;
         profile::subnormals("FFN out + norm (bwd)", &gz);
         let mut dact = par_zeros(pre.len());
-        with_f32(&self.down.weight, |w| {
-            par_gemm_acc(
-                &mut dact,
-                &gz,
-                tokens,
-                hidden,
-                Mat::new("weight", w, hidden, mid)?,
-            )?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
+        self.down.back_rows(&mut dact, &gz, tokens)?;
         if profile::enabled() {
             profile::add("FFN out + norm (bwd)", start);
         }
         let start = profile::Stamp::now();
-        let mut dpre = par_zeros(pre.len());
-        gelu_grad_par(&mut dpre, pre, &dact);
+        let dpre = gelu_grad_par(pre, &dact);
         drop(dact);
         profile::subnormals("FFN in + GELU (bwd)", &dpre);
         // dL/da = g_z (the residual) + dpre·W1, accumulated in place.
-        with_f32(&self.up.weight, |w| {
-            par_gemm_acc(
-                &mut gz,
-                &dpre,
-                tokens,
-                mid,
-                Mat::new("weight", w, mid, hidden)?,
-            )?;
-            Ok(())
-        })
-        .map_err(to_candle)?;
+        self.up.back_rows(&mut gz, &dpre, tokens)?;
         if profile::enabled() {
             profile::add("FFN in + GELU (bwd)", start);
         }

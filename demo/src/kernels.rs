@@ -154,19 +154,23 @@ pub(crate) mod simd {
 /// Elements per rayon task in elementwise ops.
 const ELEMS_PER_TASK: usize = 16384;
 
-/// `y = gelu(x)` elementwise, in parallel.
-pub(crate) fn gelu_par(y: &mut [f32], x: &[f32]) {
+/// `gelu(x)` elementwise, in parallel, into a new buffer.
+pub(crate) fn gelu_par(x: &[f32]) -> Vec<f32> {
+    let mut y = par_zeros(x.len());
     y.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .for_each(|(yc, xc)| simd::gelu(yc, xc));
+    y
 }
 
-/// `d = g·gelu′(x)` elementwise, in parallel.
-pub(crate) fn gelu_grad_par(d: &mut [f32], x: &[f32], g: &[f32]) {
+/// `g·gelu′(x)` elementwise, in parallel, into a new buffer.
+pub(crate) fn gelu_grad_par(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut d = par_zeros(x.len());
     d.par_chunks_mut(ELEMS_PER_TASK)
         .zip(x.par_chunks(ELEMS_PER_TASK))
         .zip(g.par_chunks(ELEMS_PER_TASK))
         .for_each(|((dc, xc), gc)| simd::gelu_grad(dc, xc, gc));
+    d
 }
 
 /// A zero-filled vector of `len` values, written by all rayon threads (a serial `vec![0; len]`

@@ -5,8 +5,9 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::gemm::{par_gemm_acc, Mat};
 use crate::kernels::ROWS_PER_TASK;
-use crate::storage::{as_rows, reshaped};
+use crate::storage::{as_rows, reshaped, to_candle, with_f32};
 
 /// A linear layer whose weight and bias are never trained.
 #[derive(Debug, Clone)]
@@ -38,8 +39,7 @@ impl FrozenLinear {
 impl Module for FrozenLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
-        let (inp, out) = (dims[dims.len() - 1], self.weight.dim(0)?);
-        let _ = inp;
+        let out = self.weight.dim(0)?;
         let x2 = as_rows(x)?;
         let y = fourierft::ops::frozen_linear(&x2, &self.weight, self.bias.as_ref())
             .map_err(fourierft::Error::into_candle)?;
@@ -50,25 +50,74 @@ impl Module for FrozenLinear {
 }
 
 /// The bias of a frozen linear layer as a vector of `out` values (zeros without one).
-pub(crate) fn bias_vec(proj: &FrozenLinear, out: usize) -> candle_core::Result<Vec<f32>> {
+fn bias_vec(proj: &FrozenLinear, out: usize) -> candle_core::Result<Vec<f32>> {
     match &proj.bias {
         Some(b) => b.to_vec1::<f32>(),
         None => Ok(vec![0f32; out]),
     }
 }
 
-/// `rows[t] = init[t] + bias` for every row `t` (of `bias.len()` values), in parallel.
-pub(crate) fn rows_plus_bias(init: &[f32], bias: &[f32]) -> Vec<f32> {
+/// `rows[t] = bias (+ init[t])` for `rows` rows of `bias.len()` values, in parallel.
+fn bias_rows(rows: usize, bias: &[f32], init: Option<&[f32]>) -> Vec<f32> {
     let n = bias.len();
-    let mut out = crate::kernels::par_zeros(init.len());
+    let mut out = crate::kernels::par_zeros(rows * n);
     out.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(init.par_chunks(n * ROWS_PER_TASK))
-        .for_each(|(oc, ic)| {
-            for (or, ir) in oc.chunks_mut(n).zip(ic.chunks(n)) {
-                for ((o, i), b) in or.iter_mut().zip(ir).zip(bias) {
-                    *o = i + b;
+        .enumerate()
+        .for_each(|(c, oc)| {
+            for (i, or) in oc.chunks_mut(n).enumerate() {
+                match init {
+                    Some(init) => {
+                        let t = c * ROWS_PER_TASK + i;
+                        for ((o, v), b) in or.iter_mut().zip(&init[t * n..(t + 1) * n]).zip(bias) {
+                            *o = v + b;
+                        }
+                    }
+                    None => or.copy_from_slice(bias),
                 }
             }
         });
     out
+}
+
+impl FrozenLinear {
+    /// `x·Wᵀ + b`, plus `residual` rows if given, for `x` `(tokens, in)`, as a new `(tokens, out)`
+    /// buffer: bias (and residual) written first, the product accumulated onto them.
+    pub(crate) fn project_rows(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (out, inp) = self.weight.dims2()?;
+        if x.len() != tokens * inp || residual.is_some_and(|r| r.len() != tokens * out) {
+            candle_core::bail!(
+                "projection ({out}, {inp}): input of {} values, residual of {:?}, {tokens} tokens",
+                x.len(),
+                residual.map(<[f32]>::len)
+            );
+        }
+        let mut y = bias_rows(tokens, &bias_vec(self, out)?, residual);
+        with_f32(&self.weight, |w| {
+            par_gemm_acc(&mut y, x, tokens, inp, Mat::new("weight", w, out, inp)?.t())?;
+            Ok(())
+        })
+        .map_err(to_candle)?;
+        Ok(y)
+    }
+
+    /// `dst += g·W` for `g = dL/dy` `(tokens, out)`: the input gradient, accumulated into `dst`
+    /// `(tokens, in)`.
+    pub(crate) fn back_rows(
+        &self,
+        dst: &mut [f32],
+        g: &[f32],
+        tokens: usize,
+    ) -> candle_core::Result<()> {
+        let (out, inp) = self.weight.dims2()?;
+        with_f32(&self.weight, |w| {
+            par_gemm_acc(dst, g, tokens, out, Mat::new("weight", w, out, inp)?)?;
+            Ok(())
+        })
+        .map_err(to_candle)
+    }
 }

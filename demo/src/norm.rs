@@ -52,9 +52,10 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
 }
 
 impl LayerNorm {
-    /// `y = LN(x)` over rows of the layer's width, in parallel.
-    pub(crate) fn forward_rows(&self, y: &mut [f32], x: &[f32]) {
+    /// `LN(x)` over rows of the layer's width, in parallel, into a new buffer.
+    pub(crate) fn forward_rows(&self, x: &[f32]) -> Vec<f32> {
         let n = self.weight.len();
+        let mut y = crate::kernels::par_zeros(x.len());
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(yc, xc)| {
@@ -65,11 +66,13 @@ impl LayerNorm {
                     }
                 }
             });
+        y
     }
 
-    /// `dx = dL/dx` from the input `x` and `g = dL/dy`, over rows, in parallel.
-    pub(crate) fn backward_rows(&self, dx: &mut [f32], x: &[f32], g: &[f32]) {
+    /// `dL/dx` from the input `x` and `g = dL/dy`, over rows, in parallel, into a new buffer.
+    pub(crate) fn backward_rows(&self, x: &[f32], g: &[f32]) -> Vec<f32> {
         let n = self.weight.len();
+        let mut dx = crate::kernels::par_zeros(x.len());
         dx.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .zip(g.par_chunks(n * ROWS_PER_TASK))
@@ -86,6 +89,7 @@ impl LayerNorm {
                     }
                 }
             });
+        dx
     }
 }
 
@@ -96,21 +100,13 @@ impl CustomOp1 for LayerNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "layer-norm")?;
-        let mut y = vec![0f32; x.len()];
-        self.forward_rows(&mut y, x);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(self.forward_rows(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let start = profile::Stamp::now();
-        let dx = with_f32(x, |x| {
-            with_f32(g, |g| {
-                let mut dx = vec![0f32; x.len()];
-                self.backward_rows(&mut dx, x, g);
-                Ok(dx)
-            })
-        })
-        .map_err(to_candle)?;
+        let dx =
+            with_f32(x, |x| with_f32(g, |g| Ok(self.backward_rows(x, g)))).map_err(to_candle)?;
         if profile::enabled() {
             profile::add("embeddings + norm (bwd)", start);
         }

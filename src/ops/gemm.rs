@@ -163,7 +163,7 @@ pub fn matmul_into(
     gemm_call(dst, dst_row_stride, a, b, accumulate, parallelism)
 }
 
-/// Below this many rows per thread, one thread does the product.
+/// Below this many rows per thread the rows are not split (the kernel's own threading runs).
 const MIN_ROWS_PER_THREAD: usize = 64;
 
 /// The `gemm` crate's kernel, for operands checked by [`matmul_into`] (or a row block of them,
