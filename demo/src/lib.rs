@@ -25,7 +25,9 @@
 //!
 //! Modules: [`config`] (config.json, adapters), [`model`] (the encoder), [`proj`] (adapted
 //! projections), [`attention`], [`ffn`] (GELU and the fused sub-blocks), [`norm`] (layer norm),
-//! [`linear`] (frozen linear), [`tokenizer`], [`profile`] (`--profile`); inside: `kernels`
+//! [`linear`] (frozen linear), [`tokenizer`], [`profile`] (`--profile`), [`run`] (what the
+//! demos' training runs share), [`llm`] (a GGUF Llama as the stock candle-transformers model, for
+//! the LLM demo `src/bin/llm_sentiment`); inside: `kernels`
 //! (elementwise f32 kernels), `gemm` (the products on strided views), `storage` (tensor data).
 
 pub mod attention;
@@ -34,10 +36,12 @@ pub mod ffn;
 mod gemm;
 mod kernels;
 pub mod linear;
+pub mod llm;
 pub mod model;
 pub mod norm;
 pub mod profile;
 pub mod proj;
+pub mod run;
 mod storage;
 pub mod tokenizer;
 

@@ -10,6 +10,7 @@ use crate::spectral::fft;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 impl StockTrainer {
@@ -73,6 +74,7 @@ impl StockTrainer {
         let st = self.state();
         self.ready(&st)?;
         let mut grads = loss.backward()?;
+        let mut work = Vec::with_capacity(st.layers.len());
         for (path, layer) in &st.layers {
             let Some(g) = grads.remove(layer.weight.as_tensor()) else {
                 return Err(Error::Config(format!(
@@ -82,8 +84,16 @@ impl StockTrainer {
                     layer.weight_name
                 )));
             };
-            let dc = coeff_grad(&layer.adapter, &g)?;
-            grads.insert(layer.adapter.spectrum().as_tensor(), dc);
+            work.push((layer, g));
+        }
+        // Layers in parallel: many small FFT jobs keep both cores busy, where one layer at a
+        // time (each parallel inside) left them waiting on each other.
+        let dcs: Vec<Result<Tensor>> = work
+            .par_iter()
+            .map(|(layer, g)| coeff_grad(&layer.adapter, g))
+            .collect();
+        for ((layer, _), dc) in work.iter().zip(dcs) {
+            grads.insert(layer.adapter.spectrum().as_tensor(), dc?);
         }
         Ok(grads)
     }
@@ -117,15 +127,21 @@ impl StockTrainer {
         if st.unmerged {
             return Ok(());
         }
-        for layer in st.layers.values_mut() {
-            let c = layer.adapter.spectrum().as_tensor().to_vec1::<f32>()?;
-            if c != layer.applied {
-                let delta: Vec<f32> = c.iter().zip(&layer.applied).map(|(a, b)| a - b).collect();
-                add_delta(layer, &delta)?;
-                layer.applied = c;
-            }
-        }
-        Ok(())
+        // Layers in parallel, as in `backward`.
+        st.layers
+            .values_mut()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .try_for_each(|layer| -> Result<()> {
+                let c = layer.adapter.spectrum().as_tensor().to_vec1::<f32>()?;
+                if c != layer.applied {
+                    let delta: Vec<f32> =
+                        c.iter().zip(&layer.applied).map(|(a, b)| a - b).collect();
+                    add_delta(layer, &delta)?;
+                    layer.applied = c;
+                }
+                Ok(())
+            })
     }
 
     /// [`backward`](Self::backward), `opt.step`, [`sync`](Self::sync): one training step.

@@ -5,6 +5,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 
 use crate::{Args, EvalSplit};
+use fourierft_demo::run::bucketed_batches;
 
 /// One labelled snippet, tokenized.
 pub(crate) struct Example {
@@ -12,48 +13,18 @@ pub(crate) struct Example {
     pub(crate) label: u32,
 }
 
-/// splitmix64: the data-order generator, shared bit for bit with scripts/peft_sentiment.py.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 /// Examples per length bucket, in batches.
 const BUCKET_BATCHES: usize = 16;
 
-/// The batches of one epoch: shuffle, sort each run of 16 batches' worth of examples by length
-/// (so a batch pads little), cut into batches, shuffle the batches.
+/// The batches of one epoch (`fourierft_demo::run::bucketed_batches`, runs of 16 batches sorted
+/// by length), the same as scripts/peft_sentiment.py's.
 pub(crate) fn epoch_batches(
     lens: &[usize],
     batch: usize,
     seed: u64,
     epoch: usize,
 ) -> Vec<Vec<usize>> {
-    let mut rng = SplitMix64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-    let mut idx: Vec<usize> = (0..lens.len()).collect();
-    rng.shuffle(&mut idx);
-    let mut batches = Vec::new();
-    for chunk in idx.chunks(batch * BUCKET_BATCHES) {
-        let mut c = chunk.to_vec();
-        c.sort_by_key(|&i| lens[i]);
-        batches.extend(c.chunks(batch).map(|b| b.to_vec()));
-    }
-    rng.shuffle(&mut batches);
-    batches
+    bucketed_batches(lens, batch, BUCKET_BATCHES, seed, epoch)
 }
 
 /// Evaluation batches: sorted by length, in order.

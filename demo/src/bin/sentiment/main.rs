@@ -26,6 +26,7 @@ mod train;
 
 use anyhow::{ensure, Result};
 use clap::{Parser, ValueEnum};
+use fourierft_demo::run::mean_std;
 use fourierft_demo::{Adapter, Encoder};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -167,17 +168,6 @@ enum FourierMode {
 enum FourierInit {
     Zeros,
     Normal,
-}
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
 }
 
 fn main() -> Result<()> {

@@ -7,8 +7,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use fourierft::config::ModuleSelector;
 use fourierft::peft::PeftAdapter;
 use fourierft::FourierFTConfig;
+use fourierft_demo::run::{lr_at, process_cpu_s, progress_bar as bar};
 use fourierft_demo::{profile, Adapter, Encoder, LoraConfig};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
@@ -49,18 +49,6 @@ fn adamw(vars: Vec<Var>, lr: f64, weight_decay: f64) -> Result<AdamW> {
             ..Default::default()
         },
     )?)
-}
-
-fn bar(len: usize, prefix: String) -> Result<ProgressBar> {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>22} {bar:30} {pos}/{len} [{elapsed_precise}] {msg}",
-        )?
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    Ok(pb)
 }
 
 /// Accuracy and logits `(n, 2)` (in data order) of `enc` + `head` on `data`.
@@ -109,26 +97,6 @@ pub(crate) struct RunResult {
     /// CPU time of the whole process per step (all threads): the work, robust to other load.
     pub(crate) step_cpu_ms: f64,
     pub(crate) steps: usize,
-}
-
-/// CPU time used by this process so far (all threads), in seconds; NaN where unsupported.
-fn process_cpu_s() -> f64 {
-    #[cfg(unix)]
-    {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec through a valid pointer.
-        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
-            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
-        }
-    }
-    f64::NAN
-}
-
-fn lr_at(lr: f64, step: usize, total: usize) -> f64 {
-    lr * (1.0 - step as f64 / total as f64)
 }
 
 /// Head only: embeddings of the frozen encoder are computed once; the head trains on them.
