@@ -61,7 +61,8 @@
 //!   weight (the base `VarBuilder`'s own tensor is not kept).
 //! - transient per step: `dL/dW` (`4·d1·d2`, formed by candle's matmul backward and dropped in
 //!   [`backward`](StockTrainer::backward)) and, in [`sync`](StockTrainer::sync), `ΔW` and the new
-//!   weight (`2 × 4·d1·d2`, one layer at a time).
+//!   weight (`2 × 4·d1·d2`, one layer per rayon thread: the layers are converted and
+//!   refreshed in parallel).
 //!
 //! Rounding: `W` accumulates one f32 rounding of `ΔW(Δc)` per step (relative ~1e-7 each);
 //! [`unmerge`](StockTrainer::unmerge) gives back `W0` to that accuracy.
