@@ -1,7 +1,34 @@
 //! What the demos' training runs share: the data-order generator (bit for bit the same in the
 //! PEFT scripts), the learning-rate schedule, progress bars, CPU time and peak memory.
 
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+
+/// One Rotten Tomatoes snippet (label 1 = fresh, 0 = rotten).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Snippet {
+    pub label: u32,
+    pub text: String,
+}
+
+/// The snippets of `assets/rotten_tomatoes.jsonl` (written by scripts/fetch-demo-assets.sh), in
+/// the file's fixed shuffled order.
+pub fn read_snippets(assets: &Path) -> anyhow::Result<Vec<Snippet>> {
+    let path = assets.join("rotten_tomatoes.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (run scripts/fetch-demo-assets.sh first)",
+            path.display()
+        )
+    })?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
+        })
+        .collect()
+}
 
 /// splitmix64: the data-order generator, shared bit for bit with scripts/peft_sentiment.py and
 /// scripts/peft_llm_sentiment.py.

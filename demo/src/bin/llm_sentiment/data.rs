@@ -1,9 +1,9 @@
 //! The task: Rotten Tomatoes snippets as chat prompts, the answer token, the split and the
 //! batches (their order comes from the generator shared with scripts/peft_llm_sentiment.py).
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use fourierft_demo::llm::ChatTemplate;
-use fourierft_demo::run::bucketed_batches;
+use fourierft_demo::run::{bucketed_batches, read_snippets, Snippet};
 use std::collections::BTreeMap;
 use tokenizers::Tokenizer;
 
@@ -31,22 +31,7 @@ pub(crate) struct Task {
 }
 
 pub(crate) fn load_task(args: &Args, tok: &Tokenizer, chat: &ChatTemplate) -> Result<Task> {
-    let path = args.assets.join("rotten_tomatoes.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (run scripts/fetch-demo-assets.sh first)",
-            path.display()
-        )
-    })?;
-    #[derive(serde::Deserialize)]
-    struct Row {
-        label: u32,
-        text: String,
-    }
-    let rows: Vec<Row> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
+    let rows = read_snippets(&args.assets)?;
     let n = rows.len();
     ensure!(
         args.train + args.val + args.test <= n,
@@ -59,7 +44,7 @@ pub(crate) fn load_task(args: &Args, tok: &Tokenizer, chat: &ChatTemplate) -> Re
         EvalSplit::Test => n - args.test..n,
         EvalSplit::Val => args.train..args.train + args.val,
     };
-    let encode = |rows: &[Row]| -> Result<Vec<Example>> {
+    let encode = |rows: &[Snippet]| -> Result<Vec<Example>> {
         rows.iter()
             .map(|r| {
                 let prompt = chat.user_prompt(&format!("{INSTRUCTION}{}", r.text))?;

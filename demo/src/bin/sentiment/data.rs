@@ -1,11 +1,11 @@
 //! The corpus split, tokenized, and the batches: their order comes from a generator shared bit
 //! for bit with scripts/peft_sentiment.py.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 
 use crate::{Args, EvalSplit};
-use fourierft_demo::run::bucketed_batches;
+use fourierft_demo::run::{bucketed_batches, read_snippets, Snippet};
 
 /// One labelled snippet, tokenized.
 pub(crate) struct Example {
@@ -35,22 +35,7 @@ pub(crate) fn eval_batches(lens: &[usize], batch: usize) -> Vec<Vec<usize>> {
 }
 
 pub(crate) fn load_split(args: &Args) -> Result<(Vec<Example>, Vec<Example>)> {
-    let path = args.assets.join("rotten_tomatoes.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (run scripts/fetch-demo-assets.sh first)",
-            path.display()
-        )
-    })?;
-    #[derive(serde::Deserialize)]
-    struct Row {
-        label: u32,
-        text: String,
-    }
-    let rows: Vec<Row> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
+    let rows = read_snippets(&args.assets)?;
     let n = rows.len();
     let eval_range = match args.eval {
         EvalSplit::Test => n.saturating_sub(args.test)..n,
@@ -64,7 +49,7 @@ pub(crate) fn load_split(args: &Args) -> Result<(Vec<Example>, Vec<Example>)> {
         args.test
     );
     let tok = fourierft_demo::tokenizer(&args.assets.join("tokenizer.json"), args.max_len)?;
-    let encode = |rows: &[Row]| -> Result<Vec<Example>> {
+    let encode = |rows: &[Snippet]| -> Result<Vec<Example>> {
         let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
         Ok(fourierft_demo::encode(&tok, &texts)?
             .into_iter()
