@@ -302,6 +302,46 @@ fn merge_matches_peft_bert() -> Result<()> {
     merge_matches("bert")
 }
 
+/// Gradient accumulation run in parallel: two threads each take half of a batch (each half's
+/// share of the mean loss) and call `backward` at once; the summed spectra gradients equal one
+/// backward over the whole batch.
+#[test]
+fn concurrent_backward_on_halves_sums_to_the_batch_gradient() -> Result<()> {
+    let d = data("llama")?;
+    let trainer = StockTrainer::load(fixture("llama").join("adapter_init"))?;
+    let Model::Llama(model, cfg) = Model::load("llama", trainer.var_builder(base_vb("llama")?))?
+    else {
+        anyhow::bail!("not a llama");
+    };
+    trainer.check()?;
+    let (ids, targets) = &d.batches[0];
+    let b = ids.dim(0)?;
+    let loss = |rows: std::ops::Range<usize>| -> Result<Tensor> {
+        let mut cache = llama::Cache::new(false, DType::F32, &cfg, &Device::Cpu)?;
+        let k = rows.len();
+        let logits = model.forward(&ids.narrow(0, rows.start, k)?, 0, &mut cache)?;
+        let ce = candle_nn::loss::cross_entropy(&logits, &targets.narrow(0, rows.start, k)?)?;
+        Ok((ce * (k as f64 / b as f64))?)
+    };
+    let whole = trainer.backward(&loss(0..b)?)?;
+    let halves = std::thread::scope(|s| {
+        let h = [0..b / 2, b / 2..b].map(|r| {
+            let (loss, trainer) = (&loss, &trainer);
+            s.spawn(move || -> Result<_> { Ok(trainer.backward(&loss(r)?)?) })
+        });
+        h.map(|h| h.join().expect("no panic"))
+    });
+    let [first, second] = halves;
+    let (first, second) = (first?, second?);
+    for v in trainer.trainable_vars() {
+        let sum =
+            (first.get(v.as_tensor()).expect("grad") + second.get(v.as_tensor()).expect("grad"))?;
+        let r = rel(&sum, whole.get(v.as_tensor()).expect("grad"))?;
+        assert!(r < 1e-5, "summed halves vs whole batch: {r:e}");
+    }
+    Ok(())
+}
+
 fn config(targets: &[&str], n: usize) -> FourierFTConfig {
     FourierFTConfig {
         target_modules: Some(ModuleSelector::Names(

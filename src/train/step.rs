@@ -66,14 +66,19 @@ impl StockTrainer {
     /// returned store holds `dL/dc` for every spectrum (and no `dL/dW`), ready for
     /// [`Optimizer::step`]. Call [`sync`](Self::sync) after the step.
     ///
+    /// Several threads may call it at once, each on its own loss (gradient accumulation over
+    /// micro-batches run in parallel): the trainer's lock is not held while candle runs the
+    /// backward pass, only while the weights' gradients are turned into the spectra's.
+    ///
     /// # Errors
     /// Those of [`check`](Self::check) (without the fused-op probe); [`Error::MergeState`] when
     /// unmerged or when a spectrum changed since [`sync`](Self::sync); [`Error::Config`] naming
     /// a module no gradient reached (e.g. an unpatched candle-nn).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        let st = self.state();
-        self.ready(&st)?;
+        self.ready(&self.state())?;
         let mut grads = loss.backward()?;
+        let st = self.state();
+        self.check_state(&st)?;
         let mut work = Vec::with_capacity(st.layers.len());
         for (path, layer) in &st.layers {
             let Some(g) = grads.remove(layer.weight.as_tensor()) else {

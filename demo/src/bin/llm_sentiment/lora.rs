@@ -5,6 +5,7 @@
 //! rewritten. Initialised as PEFT's LoRA: `A ~ U(±1/√in)` (kaiming-uniform with a = √5), `B = 0`.
 
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::{Rng, SeedableRng};
@@ -82,8 +83,8 @@ impl StockLora {
             .sum()
     }
 
-    /// `loss.backward()`, `dL/dW` → `dL/dA`, `dL/dB`, an optimizer step, the weights rewritten.
-    pub(crate) fn backward_step<O: Optimizer>(&self, opt: &mut O, loss: &Tensor) -> Result<()> {
+    /// `loss.backward()` with `dL/dW` turned into `dL/dA`, `dL/dB` (no `dL/dW` left).
+    pub(crate) fn grads(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
         for l in &self.layers {
             let g = grads
@@ -94,7 +95,12 @@ impl StockLora {
             grads.insert(l.a.as_tensor(), ga);
             grads.insert(l.b.as_tensor(), gb);
         }
-        opt.step(&grads)?;
+        Ok(grads)
+    }
+
+    /// An optimizer step on `A`, `B`, and the weights rewritten.
+    pub(crate) fn update<O: Optimizer>(&self, opt: &mut O, grads: &GradStore) -> Result<()> {
+        opt.step(grads)?;
         for l in &self.layers {
             let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * self.scale)?;
             l.weight.set(&(&l.w0 + delta)?)?;

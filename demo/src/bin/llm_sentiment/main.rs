@@ -25,8 +25,10 @@
 
 mod data;
 mod lora;
+mod parallel;
 
 use anyhow::{ensure, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use candle_transformers::models::llama::{Cache, Config, Llama};
@@ -43,6 +45,7 @@ use std::time::Instant;
 
 use data::{epoch_batches, load_task, same_length_groups, Example, Task};
 use lora::StockLora;
+use parallel::{add_grads, balance, Workers};
 
 /// The GGUF, under the assets folder.
 const GGUF: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -198,26 +201,31 @@ fn evaluate(
     msg: String,
 ) -> Result<f64> {
     let dev = Device::Cpu;
-    let mut cache = Cache::new(false, DType::F32, cfg, &dev)?;
+    let workers = Workers::new()?;
     let all: Vec<usize> = (0..data.len()).collect();
     let groups = same_length_groups(data, &all, batch);
     let pb = progress_bar(groups.len(), msg)?;
     let pick = Tensor::new(&answers, &dev)?;
-    let mut correct = 0usize;
-    for g in &groups {
-        let ids = prompt_tensor(data, g)?;
-        let logits = model
-            .forward(&ids, 0, &mut cache)?
-            .detach()
-            .index_select(&pick, 1)?
-            .to_vec2::<f32>()?;
-        for (&i, l) in g.iter().zip(&logits) {
-            correct += (((l[1] > l[0]) as u32) == data[i].label) as usize;
+    let shares = balance(groups, |g| tokens(data, g), workers.len());
+    let correct = workers.run(&shares, |share| -> Result<usize> {
+        let mut cache = Cache::new(false, DType::F32, cfg, &dev)?;
+        let mut correct = 0usize;
+        for g in share {
+            let ids = prompt_tensor(data, g)?;
+            let logits = model
+                .forward(&ids, 0, &mut cache)?
+                .detach()
+                .index_select(&pick, 1)?
+                .to_vec2::<f32>()?;
+            for (&i, l) in g.iter().zip(&logits) {
+                correct += (((l[1] > l[0]) as u32) == data[i].label) as usize;
+            }
+            pb.inc(1);
         }
-        pb.inc(1);
-    }
+        Ok(correct)
+    })?;
     pb.finish_and_clear();
-    Ok(100.0 * correct as f64 / data.len() as f64)
+    Ok(100.0 * correct.iter().sum::<usize>() as f64 / data.len() as f64)
 }
 
 /// The prompts `idx` (all of one length) as a `(k, len)` tensor.
@@ -230,6 +238,33 @@ fn prompt_tensor(data: &[Example], idx: &[usize]) -> Result<Tensor> {
 enum Adapter {
     Fourier(StockTrainer),
     Lora(StockLora),
+}
+
+impl Adapter {
+    /// `loss.backward()` with the gradients of the trained parameters only.
+    fn grads(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(match self {
+            Adapter::Fourier(t) => t.backward(loss)?,
+            Adapter::Lora(l) => l.grads(loss)?,
+        })
+    }
+
+    /// The optimizer step and the weights refreshed.
+    fn update(&self, opt: &mut AdamW, grads: &GradStore) -> Result<()> {
+        match self {
+            Adapter::Fourier(t) => {
+                opt.step(grads)?;
+                t.sync()?;
+            }
+            Adapter::Lora(l) => l.update(opt, grads)?,
+        }
+        Ok(())
+    }
+}
+
+/// Tokens in the prompts `g`.
+fn tokens(data: &[Example], g: &[usize]) -> usize {
+    g.iter().map(|&i| data[i].ids.len()).sum()
 }
 
 fn run_adapter(
@@ -272,15 +307,15 @@ fn run_adapter(
         }
         Method::ZeroShot => unreachable!("zero-shot has no training run"),
     };
+    let workers = Workers::new()?;
     let mut opt = AdamW::new(
-        vars,
+        vars.clone(),
         ParamsAdamW {
             lr: spec.lr,
             weight_decay: args.weight_decay,
             ..Default::default()
         },
     )?;
-    let mut cache = Cache::new(false, DType::F32, &base.config, &dev)?;
     let per_epoch = task.train.len().div_ceil(args.batch);
     let total = args.epochs * per_epoch;
     let pb = progress_bar(total, format!("{label} seed {seed}"))?;
@@ -291,30 +326,49 @@ fn run_adapter(
         for batch in epoch_batches(&task.train, args.batch, seed, epoch) {
             opt.set_learning_rate(lr_at(spec.lr, step, total));
             let (t0, c0) = (Instant::now(), process_cpu_s());
-            let mut logits = Vec::new();
-            let mut targets = Vec::new();
-            for g in same_length_groups(&task.train, &batch, usize::MAX) {
-                logits.push(model.forward(&prompt_tensor(&task.train, &g)?, 0, &mut cache)?);
-                targets.extend(
-                    g.iter()
-                        .map(|&i| task.answer_ids[task.train[i].label as usize]),
-                );
+            let groups = same_length_groups(&task.train, &batch, usize::MAX);
+            let shares = balance(groups, |g| tokens(&task.train, g), workers.len());
+            let n = batch.len() as f64;
+            // Per worker: each group's share of the batch's mean loss, forward and backward,
+            // gradients summed.
+            let parts = workers.run(&shares, |share| -> Result<(f64, GradStore)> {
+                let mut cache = Cache::new(false, DType::F32, &base.config, &dev)?;
+                let (mut loss_sum, mut acc) = (0.0, None::<GradStore>);
+                for g in share {
+                    let logits = model.forward(&prompt_tensor(&task.train, g)?, 0, &mut cache)?;
+                    let targets: Vec<u32> = g
+                        .iter()
+                        .map(|&i| task.answer_ids[task.train[i].label as usize])
+                        .collect();
+                    let loss =
+                        (candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets, &dev)?)?
+                            * (g.len() as f64 / n))?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64;
+                    let grads = adapter.grads(&loss)?;
+                    match &mut acc {
+                        None => acc = Some(grads),
+                        Some(a) => add_grads(a, &grads, &vars)?,
+                    }
+                }
+                acc.map(|a| (loss_sum, a))
+                    .ok_or_else(|| anyhow::anyhow!("empty share"))
+            })?;
+            let mut parts = parts.into_iter();
+            let Some((mut loss, mut grads)) = parts.next() else {
+                anyhow::bail!("empty batch");
+            };
+            for (l, g) in parts {
+                loss += l;
+                add_grads(&mut grads, &g, &vars)?;
             }
-            let loss = candle_nn::loss::cross_entropy(
-                &Tensor::cat(&logits, 0)?,
-                &Tensor::new(targets, &dev)?,
-            )?;
-            losses.push(loss.to_scalar::<f32>()? as f64);
-            let t_fwd = t0.elapsed().as_secs_f64();
-            match &adapter {
-                Adapter::Fourier(t) => t.backward_step(&mut opt, &loss)?,
-                Adapter::Lora(l) => l.backward_step(&mut opt, &loss)?,
-            }
+            losses.push(loss);
+            let t_grad = t0.elapsed().as_secs_f64();
+            adapter.update(&mut opt, &grads)?;
             if args.step_times {
                 pb.println(format!(
-                    "step {step}: forward {:.0} ms, backward and update {:.0} ms",
-                    1e3 * t_fwd,
-                    1e3 * (t0.elapsed().as_secs_f64() - t_fwd)
+                    "step {step}: forwards and backwards {:.0} ms, update {:.0} ms",
+                    1e3 * t_grad,
+                    1e3 * (t0.elapsed().as_secs_f64() - t_grad)
                 ));
             }
             if step > 0 {
