@@ -260,6 +260,24 @@ impl Drop for FlushGuard {
 thread_local! {
     /// Whether [`ensure_training_policy`] already ran on this thread (and its pool).
     static APPLIED: Cell<bool> = const { Cell::new(false) };
+    /// Whether [`ensure_flush_policy`] already ran on this thread (and its pool).
+    static FLUSH_APPLIED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The subnormal half of [`ensure_training_policy`], once per calling thread: with
+/// [`SubnormalPolicy::FlushToZero`] (the default), flush-to-zero and denormals-are-zero on this
+/// thread and every thread of the current rayon pool; the allocator is left alone.
+/// `StockTrainer::backward` calls it: a stock model's backward runs candle's kernels, which meet
+/// subnormals like ours. It leaves glibc's thresholds to the process there: in the LLM demo
+/// (a 135M-parameter model, one worker thread per core) keeping freed buffers went with gigabytes
+/// more peak memory and no faster step; call [`keep_freed_memory`] yourself to choose it.
+pub fn ensure_flush_policy() {
+    if FLUSH_APPLIED.with(|a| a.replace(true)) {
+        return;
+    }
+    if subnormal_policy() == SubnormalPolicy::FlushToZero {
+        set_everywhere(true);
+    }
 }
 
 /// Applies the training policy once per calling thread: with [`SubnormalPolicy::FlushToZero`]
@@ -270,9 +288,7 @@ pub fn ensure_training_policy() {
     if APPLIED.with(|a| a.replace(true)) {
         return;
     }
-    if subnormal_policy() == SubnormalPolicy::FlushToZero {
-        set_everywhere(true);
-    }
+    ensure_flush_policy();
     if !matches!(std::env::var("FOURIERFT_MALLOC").as_deref(), Ok("default")) {
         keep_freed_memory();
     }

@@ -327,7 +327,17 @@ fn concurrent_backward_on_halves_sums_to_the_batch_gradient() -> Result<()> {
     let halves = std::thread::scope(|s| {
         let h = [0..b / 2, b / 2..b].map(|r| {
             let (loss, trainer) = (&loss, &trainer);
-            s.spawn(move || -> Result<_> { Ok(trainer.backward(&loss(r)?)?) })
+            s.spawn(move || -> Result<_> {
+                let g = trainer.backward(&loss(r)?)?;
+                // backward applied the subnormal policy (flush by default) to its thread
+                let policy = fourierft::runtime::subnormal_policy();
+                let flush = policy == fourierft::runtime::SubnormalPolicy::FlushToZero;
+                assert_eq!(
+                    fourierft::runtime::thread_flushes(),
+                    flush && fourierft::runtime::FLUSH_SUPPORTED
+                );
+                Ok(g)
+            })
         });
         h.map(|h| h.join().expect("no panic"))
     });

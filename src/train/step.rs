@@ -70,11 +70,17 @@ impl StockTrainer {
     /// micro-batches run in parallel): the trainer's lock is not held while candle runs the
     /// backward pass, only while the weights' gradients are turned into the spectra's.
     ///
+    /// Applies the subnormal policy ([`crate::runtime::ensure_flush_policy`]) to the calling
+    /// thread and its rayon pool first, as the backward of this crate's own ops does.
+    ///
     /// # Errors
     /// Those of [`check`](Self::check) (without the fused-op probe); [`Error::MergeState`] when
     /// unmerged or when a spectrum changed since [`sync`](Self::sync); [`Error::Config`] naming
     /// a module no gradient reached (e.g. an unpatched candle-nn).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        // The stock model's backward runs candle's kernels, not this crate's ops: flush
+        // subnormals here too (see the runtime module for why the allocator is left alone).
+        crate::runtime::ensure_flush_policy();
         self.ready(&self.state())?;
         let mut grads = loss.backward()?;
         let st = self.state();

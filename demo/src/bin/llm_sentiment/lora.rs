@@ -85,6 +85,8 @@ impl StockLora {
 
     /// `loss.backward()` with `dL/dW` turned into `dL/dA`, `dL/dB` (no `dL/dW` left).
     pub(crate) fn grads(&self, loss: &Tensor) -> Result<GradStore> {
+        // The subnormal policy StockTrainer::backward applies, so the two run the same way.
+        fourierft::runtime::ensure_flush_policy();
         let mut grads = loss.backward()?;
         for l in &self.layers {
             let g = grads

@@ -18,6 +18,9 @@
 //! (`--dump-batches` on both prints the batches for a `diff`) and evaluates the adapters this
 //! program saves (`--eval-adapter`).
 //!
+//! The stock model takes no padding mask, so a batch runs one forward per prompt length; each
+//! core takes whole groups of equal length (`parallel.rs`) and their gradients are summed.
+//!
 //! Timing: "step ms" is the mean wall time of a training step after the first (forwards,
 //! backward, AdamW, weight refresh), "step CPU ms" the process's CPU time over it; "peak RSS"
 //! the process's peak resident memory during the run (reset before each run; the f32 base model
@@ -193,6 +196,7 @@ struct RunResult {
 
 /// Accuracy (%) of `model` on `data`: the answer whose logit is higher at the prompt's end.
 fn evaluate(
+    workers: &Workers,
     model: &Llama,
     cfg: &Config,
     data: &[Example],
@@ -201,9 +205,10 @@ fn evaluate(
     msg: String,
 ) -> Result<f64> {
     let dev = Device::Cpu;
-    let workers = Workers::new()?;
     let all: Vec<usize> = (0..data.len()).collect();
-    let groups = same_length_groups(data, &all, batch);
+    // The trained weights are `Var`s, so every forward keeps its graph until its logits drop:
+    // `batch` prompts in flight in all, as on one thread.
+    let groups = same_length_groups(data, &all, batch.div_ceil(workers.len()));
     let pb = progress_bar(groups.len(), msg)?;
     let pick = Tensor::new(&answers, &dev)?;
     let shares = balance(groups, |g| tokens(data, g), workers.len());
@@ -268,6 +273,7 @@ fn tokens(data: &[Example], g: &[usize]) -> usize {
 }
 
 fn run_adapter(
+    workers: &Workers,
     args: &Args,
     task: &Task,
     base: &GgufLlama,
@@ -307,7 +313,6 @@ fn run_adapter(
         }
         Method::ZeroShot => unreachable!("zero-shot has no training run"),
     };
-    let workers = Workers::new()?;
     let mut opt = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -388,6 +393,7 @@ fn run_adapter(
     let train_s = start.elapsed().as_secs_f64();
     let timed = step.saturating_sub(1).max(1) as f64;
     let accuracy = evaluate(
+        workers,
         &model,
         &base.config,
         &task.eval,
@@ -506,11 +512,14 @@ fn run(args: Args) -> Result<()> {
         args.seeds,
         rayon::current_num_threads()
     );
+    // One set of worker threads for every run (threads, and their allocator arenas, reused).
+    let workers = Workers::new()?;
     let mut results = Vec::new();
     if args.methods.contains(&Method::ZeroShot) {
         let model = Llama::load(base.var_builder(&Device::Cpu), &base.config)?;
         let t = Instant::now();
         let accuracy = evaluate(
+            &workers,
             &model,
             &base.config,
             &task.eval,
@@ -542,7 +551,7 @@ fn run(args: Args) -> Result<()> {
     // affects all alike.
     for &seed in &args.seeds {
         for spec in specs(&args) {
-            let r = run_adapter(&args, &task, &base, spec, seed)?;
+            let r = run_adapter(&workers, &args, &task, &base, spec, seed)?;
             println!(
                 "{:>36} seed {seed}: accuracy {:.2}%, loss {:.3} → {:.3}, {:.0} s, {:.0} ms/step \
                  ({:.0} ms CPU), peak RSS {:.0} MB",

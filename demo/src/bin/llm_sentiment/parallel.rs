@@ -128,4 +128,27 @@ mod tests {
         // Fewer units than workers: no empty share.
         assert_eq!(balance(vec![vec![0]], cost, 4).len(), 1);
     }
+
+    #[test]
+    fn workers_run_each_share_on_a_one_thread_pool_in_order() -> Result<()> {
+        let workers = Workers::new()?;
+        let shares: Vec<Vec<usize>> = (0..5).map(|i| vec![i; i + 1]).collect();
+        let out = workers.run(&shares, |s| {
+            Ok((s.iter().sum::<usize>(), rayon::current_num_threads()))
+        })?;
+        assert_eq!(
+            out.iter().map(|o| o.0).collect::<Vec<_>>(),
+            [0, 2, 6, 12, 20]
+        );
+        assert!(out.iter().all(|o| o.1 == 1), "{out:?}");
+        let err = workers.run(&shares, |s| {
+            if s.len() == 3 {
+                anyhow::bail!("share 3")
+            } else {
+                Ok(())
+            }
+        });
+        assert!(err.is_err_and(|e| e.to_string() == "share 3"));
+        Ok(())
+    }
 }
