@@ -112,7 +112,7 @@ struct Args {
     /// Prompts per training step.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Prompts per evaluation forward (of equal length).
+    /// Prompts evaluated at once, split across the cores (each forward: prompts of one length).
     #[arg(long, default_value_t = 16)]
     eval_batch: usize,
     /// FourierFT: coefficients per layer (one run per value).
