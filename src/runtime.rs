@@ -269,8 +269,9 @@ thread_local! {
 /// thread and every thread of the current rayon pool; the allocator is left alone.
 /// `StockTrainer::backward` calls it: a stock model's backward runs candle's kernels, which meet
 /// subnormals like ours. It leaves glibc's thresholds to the process there: in the LLM demo
-/// (a 135M-parameter model, one worker thread per core) keeping freed buffers went with gigabytes
-/// more peak memory and no faster step; call [`keep_freed_memory`] yourself to choose it.
+/// (a 135M-parameter model, one worker thread per core, then recreated per run) keeping freed
+/// buffers went with gigabytes more peak memory and no faster step; call [`keep_freed_memory`]
+/// yourself to choose it.
 pub fn ensure_flush_policy() {
     if FLUSH_APPLIED.with(|a| a.replace(true)) {
         return;

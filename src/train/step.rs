@@ -84,7 +84,6 @@ impl StockTrainer {
         self.ready(&self.state())?;
         let mut grads = loss.backward()?;
         let st = self.state();
-        self.check_state(&st)?;
         let mut work = Vec::with_capacity(st.layers.len());
         for (path, layer) in &st.layers {
             let Some(g) = grads.remove(layer.weight.as_tensor()) else {
