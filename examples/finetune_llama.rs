@@ -350,16 +350,26 @@ fn bench(args: &Args) -> Result<()> {
     )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let (ids, target) = batch(&mut rng, 1, tokens, vocab, &dev)?;
-    let mut times = Vec::new();
+    // (forward, backward, optimizer + in-place weight refresh) per timed step.
+    let mut times: Vec<[f64; 3]> = Vec::new();
     for step in 0..=args.bench_steps {
         let t = Instant::now();
         let loss = candle_nn::loss::cross_entropy(&last_logits(&model, &cfg, &ids)?, &target)?;
-        trainer.backward_step(&mut opt, &loss)?;
+        let forward = t.elapsed().as_secs_f64() * 1e3;
+        let grads = trainer.backward(&loss)?;
+        let backward = t.elapsed().as_secs_f64() * 1e3 - forward;
+        opt.step(&grads)?;
+        trainer.sync()?;
+        let update = t.elapsed().as_secs_f64() * 1e3 - forward - backward;
         if step > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1e3); // step 0 is warm-up
+            times.push([forward, backward, update]); // step 0 is warm-up
         }
     }
-    times.sort_by(f64::total_cmp);
+    let median = |f: &dyn Fn(&[f64; 3]) -> f64| {
+        let mut v: Vec<f64> = times.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!(
         "stock candle-transformers Llama: hidden 1024, 8 layers, {tokens} tokens, q_proj+v_proj \
          n=1000 ({} trainable), {} threads",
@@ -367,12 +377,17 @@ fn bench(args: &Args) -> Result<()> {
         rayon::current_num_threads()
     );
     println!("model_build_ms {build_ms:.1}");
-    println!("train_step_ms {:.1}", times[times.len() / 2]);
+    println!("train_step_ms {:.1}", median(&|t| t.iter().sum()));
+    println!("forward_ms {:.1}", median(&|t| t[0]));
+    println!("backward_ms {:.1}", median(&|t| t[1]));
     println!("peak_rss_mb {:.1}", peak_rss_mb());
     Ok(())
 }
 
 fn main() -> Result<()> {
+    // The crate's CPU training settings, before any thread starts (docs/PERFORMANCE.md): one
+    // pool of threads for candle's and this crate's kernels, freed buffers reused.
+    fourierft::runtime::init_cpu_training();
     let args = Args::parse();
     if args.bench {
         return bench(&args);

@@ -134,9 +134,9 @@ if [ "${1:-}" = "--llama" ]; then
     : >"$out/records"
     for r in $(seq 1 "$RUNS"); do
         ours() { RAYON_NUM_THREADS=$THREADS target/release/examples/finetune_llama --bench --bench-steps 3 |
-            grep -E '^(train_step_ms|peak_rss_mb) ' | sed "s/^/ours $r /" >>"$out/records"; }
+            grep -E "^(train_step_ms|forward_ms|backward_ms|peak_rss_mb) " | sed "s/^/ours $r /" >>"$out/records"; }
         peft() { "$PY" scripts/peft_llama_bench.py --steps 3 --threads "$THREADS" 2>/dev/null |
-            grep -E '^(train_step_ms|peak_rss_mb) ' | sed "s/^/peft $r /" >>"$out/records"; }
+            grep -E "^(train_step_ms|forward_ms|backward_ms|peak_rss_mb) " | sed "s/^/peft $r /" >>"$out/records"; }
         if [ $((r % 2)) -eq 1 ]; then ours; peft; else peft; ours; fi
         echo "run $r done (load $(cut -d' ' -f1 /proc/loadavg))"
     done

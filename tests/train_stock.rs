@@ -600,6 +600,132 @@ fn fused_ops_pass_gradients() -> Result<()> {
     Ok(())
 }
 
+/// `Σ w ⊙ f(x)` in f64 for one row `x` of the fused ops (`op`: 0 softmax, 1 rms norm, 2 layer
+/// norm, 3 SiLU), with the norms' weight `a` (bias 0).
+fn row_loss(op: usize, x: &[f64], a: &[f64], w: &[f64], eps: f64) -> f64 {
+    let n = x.len() as f64;
+    let y: Vec<f64> = match op {
+        0 => {
+            let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = x.iter().map(|v| (v - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        }
+        1 | 2 => {
+            let mean = if op == 2 {
+                x.iter().sum::<f64>() / n
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            let r = 1.0 / (var + eps).sqrt();
+            x.iter().zip(a).map(|(v, a)| a * (v - mean) * r).collect()
+        }
+        _ => x.iter().map(|v| v / (1.0 + (-v).exp())).collect(),
+    };
+    y.iter().zip(w).map(|(y, w)| y * w).sum()
+}
+
+#[test]
+fn fused_backwards_match_f64_finite_differences() -> Result<()> {
+    // The patched candle-nn's one-pass CPU backwards (softmax over the last dim, rms/layer norm
+    // incl. dL/dα, SiLU) against central differences of an f64 evaluation, over 1×N, odd, even,
+    // d = 1 and a prime-sized case large enough to be split across rayon tasks; f32 takes the
+    // fused kernels, other dtypes the composed fallback; both must agree with the reference.
+    let dev = Device::Cpu;
+    let eps = 1e-5;
+    for (rows, d) in [(1usize, 13usize), (3, 8), (4, 1), (37, 997)] {
+        let val = |i: usize, s: f64| ((i as f64 * s).sin() * 1.7 + (i % 7) as f64 * 0.1) as f32;
+        let xv: Vec<f32> = (0..rows * d).map(|i| val(i, 0.37)).collect();
+        let wv: Vec<f32> = (0..rows * d).map(|i| val(i, 0.11)).collect();
+        let av: Vec<f32> = (0..d).map(|j| 0.5 + val(j, 0.7).abs()).collect();
+        let (x64, w64, a64): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            xv.iter().map(|&v| v as f64).collect(),
+            wv.iter().map(|&v| v as f64).collect(),
+            av.iter().map(|&v| v as f64).collect(),
+        );
+        for op in 0..4 {
+            // Reference dL/dx (each entry moves only its row) and dL/dα (moves every row).
+            let h = 1e-6;
+            let mut dx_ref = vec![0f64; rows * d];
+            for r in 0..rows {
+                let (xr, wr) = (&x64[r * d..(r + 1) * d], &w64[r * d..(r + 1) * d]);
+                for j in 0..d {
+                    let (mut p, mut m) = (xr.to_vec(), xr.to_vec());
+                    p[j] += h;
+                    m[j] -= h;
+                    dx_ref[r * d + j] = (row_loss(op, &p, &a64, wr, eps)
+                        - row_loss(op, &m, &a64, wr, eps))
+                        / (2.0 * h);
+                }
+            }
+            let mut da_ref = vec![0f64; d];
+            if op == 1 || op == 2 {
+                for (j, da) in da_ref.iter_mut().enumerate() {
+                    let (mut p, mut m) = (a64.clone(), a64.clone());
+                    p[j] += h;
+                    m[j] -= h;
+                    *da = (0..rows)
+                        .map(|r| {
+                            let (xr, wr) = (&x64[r * d..(r + 1) * d], &w64[r * d..(r + 1) * d]);
+                            row_loss(op, xr, &p, wr, eps) - row_loss(op, xr, &m, wr, eps)
+                        })
+                        .sum::<f64>()
+                        / (2.0 * h);
+                }
+            }
+            // f32 takes the fused kernels; the composed fallback runs in f64 where the fused
+            // forward has it (softmax, SiLU) and in bf16 for the norms (no f64 forward).
+            let fallback = if op == 1 || op == 2 {
+                DType::BF16
+            } else {
+                DType::F64
+            };
+            for dtype in [DType::F32, fallback] {
+                let tol = if dtype == DType::BF16 { 3e-2 } else { 1e-4 };
+                let x = candle_core::Var::from_tensor(
+                    &Tensor::from_vec(xv.clone(), (rows, d), &dev)?.to_dtype(dtype)?,
+                )?;
+                let a = candle_core::Var::from_tensor(
+                    &Tensor::from_vec(av.clone(), d, &dev)?.to_dtype(dtype)?,
+                )?;
+                let w = Tensor::from_vec(wv.clone(), (rows, d), &dev)?.to_dtype(dtype)?;
+                let b = Tensor::zeros(d, dtype, &dev)?;
+                let y = match op {
+                    0 => candle_nn::ops::softmax_last_dim(&x)?,
+                    1 => candle_nn::ops::rms_norm(&x, &a, eps as f32)?,
+                    2 => candle_nn::ops::layer_norm(&x, &a, &b, eps as f32)?,
+                    _ => candle_nn::ops::silu(&x)?,
+                };
+                let grads = (y * &w)?.sum_all()?.backward()?;
+                let what = format!("op {op}, {rows}x{d}, {dtype:?}");
+                let dx = grads
+                    .get(x.as_tensor())
+                    .ok_or_else(|| anyhow::anyhow!("{what}: no dL/dx"))?;
+                let want = Tensor::from_vec(dx_ref.clone(), (rows, d), &dev)?;
+                // Softmax and layer norm over one entry are constant: a zero reference.
+                let close = |got: &Tensor, want: &Tensor| -> Result<bool> {
+                    let err = (got.to_dtype(DType::F64)? - want)?
+                        .sqr()?
+                        .sum_all()?
+                        .sqrt()?;
+                    let norm = want.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+                    Ok(err.to_scalar::<f64>()? <= tol * norm + 1e-7)
+                };
+                assert!(close(dx, &want)?, "{what}: dL/dx {}", rel(dx, &want)?);
+                if op == 1 || op == 2 {
+                    let da = grads
+                        .get(a.as_tensor())
+                        .ok_or_else(|| anyhow::anyhow!("{what}: no dL/dα"))?;
+                    let want = Tensor::from_vec(da_ref.clone(), d, &dev)?;
+                    assert!(close(da, &want)?, "{what}: dL/dα {}", rel(da, &want)?);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
     // The patched candle-nn `Linear`: with a frozen (untracked) weight and a tracked input, the

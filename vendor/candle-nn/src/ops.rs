@@ -37,8 +37,44 @@ pub fn log_softmax<D: candle::shape::Dim>(xs: &Tensor, d: D) -> Result<Tensor> {
     Ok(log_sm)
 }
 
+/// Patched for fourierft: on a contiguous f32 CPU tensor, a fused op whose backward is one
+/// parallel pass ([`crate::fused_cpu::silu_bwd`]) instead of candle's nine-op composition.
+/// Elsewhere `xs.silu()`, as upstream.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
-    xs.silu()
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.is_contiguous() {
+        xs.apply_op1(Silu)
+    } else {
+        xs.silu()
+    }
+}
+
+/// `x·σ(x)`, f32 on CPU (see [`silu`]).
+struct Silu;
+
+impl candle::CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((lo, hi))) => Ok((
+                CpuStorage::F32(crate::fused_cpu::silu_fwd(&v[lo..hi])),
+                layout.shape().clone(),
+            )),
+            _ => candle::bail!("silu-f32: expects a contiguous f32 tensor"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(dx) = crate::fused_cpu::silu_bwd(arg, res, grad_res) {
+            return Ok(Some(dx?));
+        }
+        // d/dx silu = σ(x)·(1 − y) + y, as candle-core's backward of `Tensor::silu`.
+        let sigmoid = (arg.neg()?.exp()? + 1.)?.recip()?;
+        let d = ((&sigmoid * (1. - res)?)? + res)?;
+        Ok(Some(grad_res.mul(&d)?))
+    }
 }
 
 pub fn swiglu(xs: &Tensor) -> Result<Tensor> {
@@ -436,6 +472,9 @@ impl candle::CustomOp1 for SoftmaxLastDim {
     // Patched for fourierft (upstream candle PRs #3724/#3823): the fused op gets an analytic
     // backward, dL/dx = y * (g - sum(g * y, -1)).
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(dx) = crate::fused_cpu::softmax_last_dim_bwd(res, grad_res) {
+            return Ok(Some(dx?));
+        }
         let gy = (grad_res * res)?.sum_keepdim(D::Minus1)?;
         Ok(Some((grad_res.broadcast_sub(&gy)? * res)?))
     }
@@ -686,6 +725,9 @@ fn norm_bwd(
     eps: f32,
     remove_mean: bool,
 ) -> Result<(Tensor, Tensor)> {
+    if let Some(r) = crate::fused_cpu::norm_bwd(x, alpha, g, eps, remove_mean) {
+        return r;
+    }
     let hidden = x.dim(D::Minus1)?;
     let xf = x.to_dtype(DType::F32)?;
     let gf = g.to_dtype(DType::F32)?;
