@@ -6,9 +6,9 @@ Same flags and output lines as `cargo run --release --example bench_layer`:
     python3 -m venv .venv && .venv/bin/pip install torch peft safetensors
     .venv/bin/python scripts/peft_layer_bench.py --dim 4096 --n 1000 --batch 64 --threads 2
 
-Each *_ms line is the median of --runs (>= 7) timed runs after a warm-up. `--device cuda` runs on
-the GPU (each run ends with torch.cuda.synchronize()); `--dtype bf16` makes the base weight and
-input bf16 (PEFT keeps the spectrum in f32, its default autocast_adapter_dtype).
+Each *_ms line is the median of --runs (>= 7) timed runs after a warm-up, more until they cover
+250 ms (at most 5000). `--device cuda` runs on the GPU (each run ends with
+torch.cuda.synchronize()); `--dtype bf16` makes the base weight and input bf16 (PEFT keeps the spectrum in f32, its default autocast_adapter_dtype).
 """
 import argparse
 import resource
@@ -34,11 +34,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+MIN_TOTAL_MS = 250.0  # as examples/timing/mod.rs: a median covers at least this much wall time
+MAX_CALLS = 5000
+
+
 def median_ms(device, runs, f):
     f()  # warm-up
     sync(device)
     times = []
-    for _ in range(max(runs, 7)):
+    while len(times) < max(runs, 7) or (sum(times) < MIN_TOTAL_MS and len(times) < MAX_CALLS):
         start = time.perf_counter()
         f()
         sync(device)
