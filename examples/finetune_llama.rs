@@ -129,12 +129,11 @@ fn random_base(cfg: &Config, seed: u64, dev: &Device) -> Result<VarMap> {
     // Llama::load asks for every tensor with candle's init hints; build it once to create them.
     Llama::load(vb, cfg)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for (name, var) in varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("lock"))?
-        .iter()
-    {
+    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?;
+    // By name: the map's iteration order varies between runs, and the draws follow it.
+    let mut vars: Vec<_> = data.iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, var) in vars {
         let t = if name.contains("norm") {
             Tensor::ones(var.shape(), DType::F32, dev)?
         } else {
@@ -149,6 +148,7 @@ fn random_base(cfg: &Config, seed: u64, dev: &Device) -> Result<VarMap> {
         };
         var.set(&t)?;
     }
+    drop(data);
     Ok(varmap)
 }
 

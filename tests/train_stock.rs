@@ -728,9 +728,11 @@ fn fused_backwards_match_f64_finite_differences() -> Result<()> {
 
 #[test]
 fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
-    // The patched candle-nn `Linear`: with a frozen (untracked) weight and a tracked input, the
-    // value and dL/dx equal an f64 reference, and no d_out×d_in gradient is formed for the
-    // weight; with a trainable weight the stock path (weight gradient included) is unchanged.
+    // The patched candle-nn `Linear` at input ranks 1–4, contiguous or not, with and without
+    // bias, against f64: with a frozen (untracked) weight and a tracked input, the value and
+    // dL/dx, and no d_out×d_in gradient is formed for the weight; with a trainable weight (one
+    // graph node instead of candle's reshape/transpose/matmul chain) the value, dL/dx and
+    // dL/dW = Σ_t g_tᵀ x_t, also when the input records no gradient.
     use candle_nn::Module;
     let dev = Device::Cpu;
     let (d_out, d_in) = (5usize, 7usize);
@@ -740,88 +742,111 @@ fn frozen_linear_forms_only_the_input_gradient() -> Result<()> {
     let bv: Vec<f32> = (0..d_out).map(|j| j as f32 * 0.25 - 0.5).collect();
     let w = Tensor::from_vec(wv.clone(), (d_out, d_in), &dev)?;
     let b = Tensor::from_vec(bv.clone(), d_out, &dev)?;
-    for dims in [
-        vec![d_in],
-        vec![3, d_in],
-        vec![2, 3, d_in],
-        vec![2, 1, 3, d_in],
-    ] {
-        for transposed in [false, true] {
-            for bias in [false, true] {
-                let m: usize = dims[..dims.len() - 1].iter().product();
-                let xv: Vec<f32> = (0..m * d_in)
-                    .map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0)
-                    .collect();
-                let x = candle_core::Var::from_tensor(&Tensor::from_vec(
-                    xv.clone(),
-                    dims.as_slice(),
-                    &dev,
-                )?)?;
-                // A non-contiguous view of the same values when `transposed` (rank ≥ 3).
-                let input = if transposed && dims.len() >= 3 {
-                    let r = dims.len();
-                    x.transpose(r - 3, r - 2)?
-                        .contiguous()?
-                        .transpose(r - 3, r - 2)?
-                } else {
-                    x.as_tensor().clone()
-                };
-                let layer = candle_nn::Linear::new(w.clone(), bias.then(|| b.clone()));
-                let y = layer.forward(&input)?;
-                let mut ydims = dims.clone();
-                *ydims.last_mut().unwrap() = d_out;
-                assert_eq!(y.dims(), ydims.as_slice());
-                // Loss sum(y ∘ g) with g[t, j] = j + 1 - t/4.
-                let gv: Vec<f32> = (0..m * d_out)
-                    .map(|i| (i % d_out) as f32 + 1.0 - (i / d_out) as f32 / 4.0)
-                    .collect();
-                let g = Tensor::from_vec(gv.clone(), ydims.as_slice(), &dev)?;
-                let grads = (&y * &g)?.sum_all()?.backward()?;
-                let yv = y.flatten_all()?.to_vec1::<f32>()?;
-                for t in 0..m {
-                    for j in 0..d_out {
-                        let r: f64 = (0..d_in)
-                            .map(|k| wv[j * d_in + k] as f64 * xv[t * d_in + k] as f64)
-                            .sum::<f64>()
-                            + if bias { bv[j] as f64 } else { 0.0 };
-                        assert!((yv[t * d_out + j] as f64 - r).abs() < 1e-5, "{dims:?}");
+    // (trainable weight, input records a gradient)
+    for (trainable, x_tracked) in [(false, true), (true, true), (true, false)] {
+        for dims in [
+            vec![d_in],
+            vec![3, d_in],
+            vec![2, 3, d_in],
+            vec![2, 1, 3, d_in],
+        ] {
+            for transposed in [false, true] {
+                for bias in [false, true] {
+                    let m: usize = dims[..dims.len() - 1].iter().product();
+                    let xv: Vec<f32> = (0..m * d_in)
+                        .map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0)
+                        .collect();
+                    let x = candle_core::Var::from_tensor(&Tensor::from_vec(
+                        xv.clone(),
+                        dims.as_slice(),
+                        &dev,
+                    )?)?;
+                    let x_in = if x_tracked {
+                        x.as_tensor().clone()
+                    } else {
+                        x.as_tensor().detach()
+                    };
+                    // A non-contiguous view of the same values when `transposed` (rank ≥ 3).
+                    let input = if transposed && dims.len() >= 3 {
+                        let r = dims.len();
+                        x_in.transpose(r - 3, r - 2)?
+                            .contiguous()?
+                            .transpose(r - 3, r - 2)?
+                    } else {
+                        x_in
+                    };
+                    let wvar = candle_core::Var::from_tensor(&w)?;
+                    let weight = if trainable {
+                        wvar.as_tensor().clone()
+                    } else {
+                        w.clone()
+                    };
+                    let layer = candle_nn::Linear::new(weight, bias.then(|| b.clone()));
+                    let y = layer.forward(&input)?;
+                    let mut ydims = dims.clone();
+                    *ydims.last_mut().unwrap() = d_out;
+                    assert_eq!(y.dims(), ydims.as_slice());
+                    // Loss sum(y ∘ g) with g[t, j] = j + 1 - t/4.
+                    let gv: Vec<f32> = (0..m * d_out)
+                        .map(|i| (i % d_out) as f32 + 1.0 - (i / d_out) as f32 / 4.0)
+                        .collect();
+                    let g = Tensor::from_vec(gv.clone(), ydims.as_slice(), &dev)?;
+                    let grads = (&y * &g)?.sum_all()?.backward()?;
+                    let yv = y.flatten_all()?.to_vec1::<f32>()?;
+                    let case = format!("{dims:?} trainable={trainable} x_tracked={x_tracked}");
+                    for t in 0..m {
+                        for j in 0..d_out {
+                            let r: f64 = (0..d_in)
+                                .map(|k| wv[j * d_in + k] as f64 * xv[t * d_in + k] as f64)
+                                .sum::<f64>()
+                                + if bias { bv[j] as f64 } else { 0.0 };
+                            assert!((yv[t * d_out + j] as f64 - r).abs() < 1e-5, "{case}");
+                        }
+                    }
+                    if x_tracked {
+                        let gx = grads
+                            .get(x.as_tensor())
+                            .ok_or_else(|| anyhow::anyhow!("no dL/dx for {case}"))?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?;
+                        for t in 0..m {
+                            for k in 0..d_in {
+                                let r: f64 = (0..d_out)
+                                    .map(|j| wv[j * d_in + k] as f64 * gv[t * d_out + j] as f64)
+                                    .sum();
+                                assert!((gx[t * d_in + k] as f64 - r).abs() < 1e-4, "{case}");
+                            }
+                        }
+                    } else {
+                        assert!(grads.get(x.as_tensor()).is_none(), "{case}: dL/dx formed");
+                    }
+                    if trainable {
+                        let gw = grads
+                            .get(wvar.as_tensor())
+                            .ok_or_else(|| anyhow::anyhow!("no dL/dW for {case}"))?
+                            .to_vec2::<f32>()?;
+                        for j in 0..d_out {
+                            for k in 0..d_in {
+                                let r: f64 = (0..m)
+                                    .map(|t| gv[t * d_out + j] as f64 * xv[t * d_in + k] as f64)
+                                    .sum();
+                                assert!((gw[j][k] as f64 - r).abs() < 1e-4, "{case}");
+                            }
+                        }
+                    } else {
+                        let weight_sized = grads
+                            .get_ids()
+                            .filter_map(|id| grads.get_id(*id))
+                            .filter(|t| t.elem_count() == d_out * d_in)
+                            .count();
+                        assert_eq!(
+                            weight_sized, 0,
+                            "{case}: a frozen weight's gradient was formed"
+                        );
                     }
                 }
-                let gx = grads
-                    .get(x.as_tensor())
-                    .ok_or_else(|| anyhow::anyhow!("no dL/dx for {dims:?}"))?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                for t in 0..m {
-                    for k in 0..d_in {
-                        let r: f64 = (0..d_out)
-                            .map(|j| wv[j * d_in + k] as f64 * gv[t * d_out + j] as f64)
-                            .sum();
-                        assert!((gx[t * d_in + k] as f64 - r).abs() < 1e-4, "{dims:?}");
-                    }
-                }
-                let weight_sized = grads
-                    .get_ids()
-                    .filter_map(|id| grads.get_id(*id))
-                    .filter(|t| t.elem_count() == d_out * d_in)
-                    .count();
-                assert_eq!(
-                    weight_sized, 0,
-                    "{dims:?}: a frozen weight's gradient was formed"
-                );
             }
         }
     }
-    // A trainable weight keeps candle's own path: its gradient is there and equals xᵀ·g.
-    let wvar = candle_core::Var::from_tensor(&w)?;
-    let x = candle_core::Var::from_tensor(&Tensor::new(&[[1f32, 2., 3., 4., 5., 6., 7.]], &dev)?)?;
-    let y = candle_nn::Linear::new(wvar.as_tensor().clone(), None).forward(x.as_tensor())?;
-    let grads = y.sum_all()?.backward()?;
-    let gw = grads
-        .get(wvar.as_tensor())
-        .ok_or_else(|| anyhow::anyhow!("no dL/dW for a trainable weight"))?;
-    let expect =
-        Tensor::new(&[[1f32, 2., 3., 4., 5., 6., 7.]], &dev)?.broadcast_as((d_out, d_in))?;
-    assert!(rel(gw, &expect.contiguous()?)? < 1e-6);
     Ok(())
 }

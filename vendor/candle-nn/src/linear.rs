@@ -44,25 +44,59 @@ impl Linear {
 /// frozen weight's `dL/dW` — a product as large as the forward one — would be computed and then
 /// kept, with its accumulation graph, until `backward` returns, although nothing can read it.
 /// This op's backward forms only `dL/dx = dL/dy · W`. Same forward kernel as `Tensor::matmul`.
+/// It takes the input at any rank (`(.., in)`, contiguous) and returns `(.., out)`: no
+/// `reshape` nodes, each of which would cost a zero-filled buffer and an add in the backward.
 struct FrozenWeightMatmul {
     /// `(out, in)`, untracked.
     weight: Tensor,
 }
 
-/// `(m, k) · Wᵀ` with candle's own matmul kernel, for any backend storage.
+/// `x · Wᵀ` as one graph node for a weight that records a gradient (trainable): candle's path
+/// (`reshape`, `w.t()`, `matmul`, `reshape`) records four nodes, three of which only move
+/// gradients (each a zero-filled buffer and an add in the backward). Backward:
+/// `dL/dx = dL/dy · W`, `dL/dW = (dL/dy)ᵀ · x`, over the rows of all leading dimensions.
+struct TrackedWeightMatmul;
+
+/// `(.., k) · Wᵀ` with candle's own matmul kernel, for any backend storage; the input must be
+/// contiguous. Returns the storage and the output shape `(.., n)`.
 fn matmul_wt<S: candle::backend::BackendStorage>(
     x: &S,
     x_layout: &Layout,
     w: &S,
     w_layout: &Layout,
 ) -> Result<(S, Shape)> {
-    let (m, k) = x_layout.shape().dims2()?;
+    let dims = x_layout.dims();
+    let k = *dims.last().unwrap_or(&0);
     let (n, k2) = w_layout.shape().dims2()?;
-    if k != k2 {
-        candle::bail!("frozen linear: input (.., {k}) vs weight ({n}, {k2})")
+    if k != k2 || dims.is_empty() {
+        candle::bail!("linear: input {dims:?} vs weight ({n}, {k2})")
     }
-    let out = x.matmul(w, (1, m, n, k), x_layout, &w_layout.transpose(0, 1)?)?;
-    Ok((out, Shape::from((m, n))))
+    if !x_layout.is_contiguous() {
+        candle::bail!("linear: the input must be contiguous")
+    }
+    let m = x_layout.shape().elem_count() / k.max(1);
+    let x2 = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+    let out = x.matmul(w, (1, m, n, k), &x2, &w_layout.transpose(0, 1)?)?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Ok((out, Shape::from(out_dims)))
+}
+
+/// `dL/dx = dL/dy · W` for `y = x · Wᵀ` at any rank. Detached: a gradient computed from tracked
+/// tensors would otherwise record its ops and keep their inputs alive in candle's gradient
+/// store until `backward` returns (candle computes no higher-order gradients).
+fn input_grad(x: &Tensor, weight: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+    let n = weight.dim(0)?;
+    let m = grad_y.elem_count() / n.max(1);
+    let dx = grad_y
+        .detach()
+        .contiguous()?
+        .reshape((m, n))?
+        .matmul(&weight.detach())?
+        .reshape(x.shape())?;
+    Ok(dx)
 }
 
 impl CustomOp1 for FrozenWeightMatmul {
@@ -104,33 +138,88 @@ impl CustomOp1 for FrozenWeightMatmul {
         }
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_y.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(input_grad(x, &self.weight, grad_y)?))
+    }
+}
+
+impl candle::CustomOp2 for TrackedWeightMatmul {
+    fn name(&self) -> &'static str {
+        "tracked-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle::CpuStorage,
+        l1: &Layout,
+        s2: &candle::CpuStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CpuStorage, Shape)> {
+        matmul_wt(s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        matmul_wt(s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle::MetalStorage,
+        l1: &Layout,
+        s2: &candle::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle::MetalStorage, Shape)> {
+        matmul_wt(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k.max(1);
+        // Detached, as in `input_grad`.
+        let g2 = grad_y.detach().contiguous()?.reshape((m, n))?;
+        let dw = g2.t()?.matmul(&x.detach().reshape((m, k))?)?;
+        let dx = if x.track_op() {
+            Some(input_grad(x, w, grad_y)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw)))
     }
 }
 
 impl Linear {
-    /// The patched path: the input (any rank ≥ 1) as a contiguous `(m, in)` matrix through
-    /// [`FrozenWeightMatmul`], reshaped back.
-    fn forward_frozen_weight(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let k = *dims.last().unwrap_or(&0);
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+    /// The patched paths: the input (any rank ≥ 1, made contiguous) through one op,
+    /// [`FrozenWeightMatmul`] or [`TrackedWeightMatmul`].
+    fn forward_one_node(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if self.weight.track_op() {
+            x.apply_op2(&self.weight.contiguous()?, TrackedWeightMatmul)
+        } else {
+            x.apply_op1(FrozenWeightMatmul {
+                weight: self.weight.clone(),
+            })
         }
-        let x2 = x.contiguous()?.reshape(((), k))?;
-        let y = x2.apply_op1(FrozenWeightMatmul {
-            weight: self.weight.clone(),
-        })?;
-        y.reshape(out_dims)
     }
 }
 
 impl super::Module for Linear {
     fn forward(&self, x: &Tensor) -> candle::Result<Tensor> {
-        if x.track_op() && !self.weight.track_op() && x.rank() >= 1 {
-            let y = self.forward_frozen_weight(x)?;
+        if (x.track_op() || self.weight.track_op()) && x.rank() >= 1 {
+            let y = self.forward_one_node(x)?;
             return match &self.bias {
                 None => Ok(y),
                 Some(bias) => y.broadcast_add(bias),
