@@ -193,7 +193,7 @@ impl candle::CustomOp2 for TrackedWeightMatmul {
         let g2 = grad_y.detach().contiguous()?.reshape((m, n))?;
         let dw = g2.t()?.matmul(&x.detach().reshape((m, k))?)?;
         let dx = if x.track_op() {
-            Some(input_grad(x, w, grad_y)?)
+            Some(g2.matmul(&w.detach())?.reshape(x.shape())?)
         } else {
             None
         };
